@@ -1,0 +1,119 @@
+"""
+The Apollo model: video -> encoders -> connector -> resampler -> interleave with text -> decoder LM (§6).
+
+    frames (clips) --ImageEncoder--> (C, T, H, W, Dv) --Projector--> (C, T, H, W, D) --Perceiver--> (C, L, D)
+    text ids with <video> placeholders --embed--> (B, S, D); the visual tokens go where the <video> ids are
+    (one masked assignment), and the causal decoder LM predicts the next token.
+
+Apollo's LM is Qwen2.5; ours is the same kind of model, small: pre-norm blocks, RoPE, SwiGLU, RMSNorm, tied
+input and output embeddings. The loss is on answer tokens only. A multiple-choice question is answered by
+the LM's choice among the option letters: the largest logit among "A", "B", ... after the prompt.
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from encoders import EncoderConfig, ImageEncoder, preprocess
+from integrate import IGNORE, VIDEO
+from layers import Block, RMSNorm, causal_mask, rope_tables
+from resampler import PerceiverResampler, Projector, ResamplerConfig
+
+
+@dataclass
+class LMConfig:
+    vocab_size: int = 512
+    dim: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    max_seq: int = 1024  # longest sequence RoPE tables are made for
+
+
+@dataclass
+class ApolloConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    frames_per_clip: int = 4
+
+
+class LM(nn.Module):
+    """A decoder-only transformer over embeddings: (B, S, D) -> logits (B, S, vocab)."""
+
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.n_head) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        cos, sin = rope_tables(cfg.max_seq, cfg.dim // cfg.n_head)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x):
+        S = x.size(1)
+        if S > self.cfg.max_seq:
+            raise ValueError(f"sequence of {S} tokens is longer than max_seq={self.cfg.max_seq}")
+        mask = causal_mask(S, device=x.device, dtype=x.dtype)
+        rope = (self.rope_cos[:S], self.rope_sin[:S])
+        for block in self.blocks:
+            x = block(x, mask=mask, rope=rope)
+        return self.head(self.norm(x))  # (B, S, vocab)
+
+
+class Apollo(nn.Module):
+    def __init__(self, cfg: ApolloConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.image_encoder = ImageEncoder(cfg.encoder)
+        self.projector = Projector(cfg.encoder.dim, cfg.lm.dim)
+        self.resampler = PerceiverResampler(cfg.resampler, cfg.lm.dim, cfg.frames_per_clip)
+        self.lm = LM(cfg.lm)
+        self.apply(init_weights)
+
+    @property
+    def tokens_per_clip(self):
+        return self.cfg.resampler.tokens_per_frame * self.cfg.frames_per_clip
+
+    def encode_video(self, frames):
+        """uint8 frames (C, T, H, W, 3) of C clips -> visual tokens (C, tokens_per_clip, D)."""
+        C, T = frames.shape[:2]
+        x = preprocess(frames.flatten(0, 1), self.cfg.encoder.image_size)  # (C*T, 3, S, S)
+        grid = self.image_encoder(x.view(C, T, *x.shape[1:]))  # (C, T, H, W, Dv)
+        return self.resampler(self.projector(grid))  # (C, L, D)
+
+    def forward(self, ids, frames=None, labels=None):
+        """ids (B, S) with tokens_per_clip <video> ids per clip, in clip order; frames (C, T, H, W, 3) uint8."""
+        x = self.lm.embed(ids)  # (B, S, D)
+        if frames is not None and frames.numel() > 0:
+            visual = self.encode_video(frames).flatten(0, 1)  # (C*L, D), in the order the <video> ids appear
+            x = x.masked_scatter((ids == VIDEO)[..., None], visual.to(x.dtype))
+        logits = self.lm(x)  # (B, S, vocab)
+        if labels is None:
+            return logits, None
+        # position i predicts token i + 1
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+        return logits, loss
+
+
+def choose_letters(logits, last, n_options):
+    """The model's answer to each question: argmax over the option letters' logits after the prompt.
+
+    logits (B, S, vocab); last (B,) the index of each prompt's last token; n_options (B,) -> (B,) 0-based choice.
+    """
+    letters = torch.arange(ord("A"), ord("A") + int(n_options.max()), device=logits.device)  # byte-level ids
+    scores = logits[torch.arange(len(last), device=logits.device), last][:, letters].float()  # (B, n)
+    too_far = torch.arange(len(letters), device=logits.device)[None, :] >= n_options[:, None]
+    return scores.masked_fill(too_far, float("-inf")).argmax(-1)
+
+
+def init_weights(m):
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, std=0.02)

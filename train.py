@@ -1,0 +1,481 @@
+"""
+Train mini-Apollo end to end on the synthetic video world, then score it per ApolloBench category.
+Apollo paper §5 and Appendix C (the training stages); DESIGN.md (the contracts).
+
+    python train.py                          # the whole pipeline, preset fitted to the device (cpu or gpu)
+    python train.py --preset=smoke           # every stage on a handful of videos, in well under a minute
+    python train.py --preset=cpu --sft_steps=600 --out_dir=out/longer   # any config field as --key=value
+    python train.py --stage=sft --resume     # one stage; --resume continues it from its last checkpoint
+    python train.py --help                   # every field, its default and what it does
+
+Stages, in order (a stage whose checkpoint is in out_dir is reused, not re-run):
+    lm      the decoder LM learns the language: captions, questions and answers as plain text
+    align   connector (projector + Perceiver) only; encoders and LM frozen; video captions   (Apollo stage 1)
+    vision  encoders + connector; LM frozen; video captions                                 (Apollo stage 2)
+    sft     connector + LM; encoders frozen; multiple choice + captions + text-only mixed     (Apollo stage 3)
+Then the test split is scored: eval.json holds overall and per-category accuracy. The headline counts only
+questions not marked as shortcuts; eval.json carries the score with shortcuts too.
+Each run writes into out_dir: config.json, metrics.jsonl, tokenizer.json, one checkpoint per stage, eval.json.
+"""
+import dataclasses
+import difflib
+import functools
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from apollo import Apollo, ApolloConfig, LMConfig, choose_letters
+from data import CATEGORIES, DataError, WorldConfig, load_jsonl, make_world
+from encoders import EncoderConfig
+from integrate import EOS, IGNORE, INTEGRATIONS, PAD, Tokenizer, build_sample, format_mc, video_tokens
+from resampler import ResamplerConfig
+from sampling import VideoError, sample_fps, sample_uniform
+
+STAGES = ["lm", "align", "vision", "sft"]
+
+
+@dataclass
+class Config:
+    preset: str = ""            # smoke | cpu | gpu; empty: gpu on CUDA, cpu elsewhere
+    out_dir: str = "out"        # where the run writes config, metrics, checkpoints, eval.json
+    data_dir: str = "data"      # where generated worlds are cached
+    device: str = "auto"        # auto | cpu | cuda | mps
+    stage: str = "all"          # all, or one of lm, align, vision, sft
+    resume: bool = False        # continue an interrupted stage from its last checkpoint
+    seed: int = 0
+    # the world (data.py)
+    n_train: int = 600          # videos per split; each has up to questions_per_video questions and a caption
+    n_val: int = 60
+    n_test: int = 120
+    questions_per_video: int = 5
+    min_seconds: float = 3.0
+    max_seconds: float = 20.0
+    # sampling (sampling.py)
+    sampling: str = "fps"       # fps | uniform
+    fps: float = 1.0            # fps sampling: frames per second inside a clip
+    frames_per_clip: int = 4
+    max_clips: int = 4          # a longer video gets its clips spread out
+    num_frames: int = 16        # uniform sampling: frames over the whole video (a multiple of frames_per_clip)
+    # the model (encoders.py, resampler.py, integrate.py, apollo.py)
+    image_size: int = 64
+    patch_size: int = 8
+    vit_dim: int = 64
+    vit_layers: int = 3
+    vit_heads: int = 4
+    tokens_per_frame: int = 8
+    resampler_layers: int = 2
+    lm_dim: int = 128
+    lm_layers: int = 4
+    lm_heads: int = 4
+    vocab_size: int = 512       # byte-level BPE: 256 bytes + 6 special tokens + learned merges
+    integration: str = "timestamp"  # plain | start_end | timestamp | timestamp_start_end
+    # training (Apollo: AdamW, clip 1, 3% warm-up, cosine decay)
+    batch_size: int = 32
+    lm_steps: int = 300
+    align_steps: int = 150
+    vision_steps: int = 400
+    sft_steps: int = 500
+    lm_lr: float = 3e-3
+    align_lr: float = 2e-3
+    vision_lr: float = 1e-3
+    sft_lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: float = 0.03        # share of a stage's steps spent warming up
+    grad_clip: float = 1.0
+    text_share: float = 0.15    # share of text-only samples in sft (Apollo: some text is essential)
+    eval_batch_size: int = 64
+    log_every: int = 10
+    ckpt_every: int = 100
+    compile: str = "auto"       # auto (on for CUDA only) | true | false
+    dtype: str = "auto"         # auto (bf16 on CUDA if supported) | float32 | bfloat16
+
+
+PRESETS = {
+    "smoke": dict(n_train=24, n_val=4, n_test=8, max_seconds=6.0, vit_dim=32, vit_layers=1, lm_dim=32,
+                  lm_layers=1, tokens_per_frame=2, resampler_layers=1, vocab_size=300, batch_size=8,
+                  lm_steps=3, align_steps=2, vision_steps=2, sft_steps=3, max_clips=2, log_every=1, ckpt_every=2),
+    "cpu": dict(max_seconds=12.0),
+    "gpu": dict(n_train=4000, n_val=200, n_test=400, fps=2.0, max_clips=8, image_size=64, vit_dim=192,
+                vit_layers=6, vit_heads=6, tokens_per_frame=16, resampler_layers=3, lm_dim=512, lm_layers=8,
+                lm_heads=8, vocab_size=1024, batch_size=64, lm_steps=1500, align_steps=800, vision_steps=2000,
+                sft_steps=3000, lm_lr=1e-3, align_lr=1e-3, vision_lr=3e-4, sft_lr=3e-4),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config from the command line: --key=value for any field; no exec, and booleans parsed as words
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_value(name, text, default):
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{name}: expected true or false, got {text!r}")
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise ConfigError(f"--{name}: expected {type(default).__name__}, got {text!r}") from None
+
+
+def config_from_args(argv):
+    fields = {f.name: f.default for f in dataclasses.fields(Config)}
+    given = {}
+    for arg in argv:
+        key, eq, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if not key:
+            raise ConfigError(f"unexpected argument {arg!r}: use --key=value")
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=3)
+            raise ConfigError(f"unknown config key --{key}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        given[key] = parse_value(key, text, fields[key]) if eq else parse_value(key, "true", fields[key])
+    preset = given.get("preset") or ("gpu" if pick_device(given.get("device", "auto")).type == "cuda" else "cpu")
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {preset!r}; choose from {list(PRESETS)}")
+    cfg = Config(**{**PRESETS[preset], **given, "preset": preset})
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    if cfg.stage not in ["all"] + STAGES:
+        raise ConfigError(f"--stage: {cfg.stage!r} is not one of {['all'] + STAGES}")
+    if cfg.sampling not in ("fps", "uniform"):
+        raise ConfigError(f"--sampling: {cfg.sampling!r} is not fps or uniform")
+    if cfg.integration not in INTEGRATIONS:
+        raise ConfigError(f"--integration: {cfg.integration!r} is not one of {INTEGRATIONS}")
+    if cfg.sampling == "uniform" and cfg.num_frames % cfg.frames_per_clip:
+        raise ConfigError(f"--num_frames={cfg.num_frames} must be a multiple of frames_per_clip={cfg.frames_per_clip}")
+    if cfg.image_size % cfg.patch_size:
+        raise ConfigError(f"--image_size={cfg.image_size} must be a multiple of --patch_size={cfg.patch_size}")
+    if cfg.compile not in ("auto", "true", "false") or cfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise ConfigError("--compile must be auto|true|false and --dtype auto|float32|bfloat16")
+
+
+def model_config(cfg, vocab_size):
+    return ApolloConfig(
+        encoder=EncoderConfig(cfg.image_size, cfg.patch_size, cfg.vit_dim, cfg.vit_layers, cfg.vit_heads),
+        resampler=ResamplerConfig(cfg.tokens_per_frame, cfg.resampler_layers, cfg.lm_heads),
+        lm=LMConfig(vocab_size, cfg.lm_dim, cfg.lm_layers, cfg.lm_heads), frames_per_clip=cfg.frames_per_clip)
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samples: a video (sampled once, then cached as uint8), a prompt and an answer, as ids, labels and clips
+
+
+class Samples(torch.utils.data.Dataset):
+    """items: dicts with 'prompt', 'answer' and optionally 'video' (a path). Frames are cached after first use."""
+
+    def __init__(self, items, tok, cfg, tokens_per_clip):
+        self.items, self.tok, self.cfg, self.tokens_per_clip = items, tok, cfg, tokens_per_clip
+        self.frames = {}
+
+    def clips_of(self, path):
+        if path not in self.frames:
+            c = self.cfg
+            if c.sampling == "fps":
+                frames, _, clips = sample_fps(path, c.fps, c.frames_per_clip, c.max_clips)
+            else:
+                frames, times = sample_uniform(path, c.num_frames)
+                t = times.reshape(-1, c.frames_per_clip)
+                clips = list(zip(t[:, 0].tolist(), t[:, -1].tolist()))
+            self.frames[path] = (torch.from_numpy(frames).view(len(clips), c.frames_per_clip, *frames.shape[1:]),
+                                 clips)
+        return self.frames[path]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        frames, video = None, None
+        if item.get("video"):
+            frames, clips = self.clips_of(item["video"])
+            video = video_tokens(self.tok, clips, self.tokens_per_clip, self.cfg.integration)
+        ids, labels = build_sample(self.tok, item["prompt"], item["answer"], video)
+        if item.get("eval"):  # scoring: no answer, the model's next token is its choice
+            ids, labels = ids[: len(ids) - len(self.tok.encode(item["answer"])) - 1], None
+        return {"ids": ids, "labels": labels, "frames": frames, "n_options": item.get("n_options", 0)}
+
+
+def collate(batch):
+    S = max(len(b["ids"]) for b in batch)
+    ids = torch.full((len(batch), S), PAD, dtype=torch.long)
+    labels = torch.full((len(batch), S), IGNORE, dtype=torch.long)
+    for r, b in enumerate(batch):
+        ids[r, : len(b["ids"])] = torch.tensor(b["ids"])
+        if b["labels"] is not None:
+            labels[r, : len(b["labels"])] = torch.tensor(b["labels"])
+    frames = [b["frames"] for b in batch if b["frames"] is not None]
+    return {"ids": ids, "labels": labels, "frames": torch.cat(frames) if frames else None,
+            "last": torch.tensor([len(b["ids"]) - 1 for b in batch]),
+            "n_options": torch.tensor([b["n_options"] for b in batch])}
+
+
+def batches(n, batch_size, seed, start_step):
+    """Index lists for steps start_step, start_step + 1, ...: a fresh permutation each epoch, so a resumed
+    stage sees exactly the batches the interrupted one would have."""
+    epoch_order = functools.lru_cache(maxsize=2)(lambda e: np.random.default_rng([seed, e]).permutation(n))
+    pos = start_step * batch_size
+    while True:
+        yield [int(epoch_order(p // n)[p % n]) for p in range(pos, pos + batch_size)]
+        pos += batch_size
+
+
+def mc_item(q, root, with_video=True, context=None):
+    prompt = format_mc(q["question"], q["options"])
+    if context:
+        prompt = f"Description: {context}\n{prompt}"
+    return {"video": os.path.join(root, q["video"]) if with_video else None, "prompt": prompt,
+            "answer": q["answer"], "n_options": len(q["options"]), "category": q.get("category", "unknown"),
+            "shortcut": q.get("shortcut")}
+
+
+def caption_item(c, root, with_video=True):
+    human = c["conversations"][0]["value"].replace("<video>", "").strip()
+    return {"video": os.path.join(root, c["video"]) if with_video else None, "prompt": human + "\n",
+            "answer": c["conversations"][1]["value"]}
+
+
+def stage_items(stage, world, cfg, rng):
+    """The training samples of a stage: what the paper feeds each stage, in our world."""
+    questions, captions = load_jsonl(f"{world}/train.jsonl"), load_jsonl(f"{world}/captions_train.jsonl")
+    context = {c["video"]: c["conversations"][1]["value"] for c in captions}
+    text_qa = [mc_item(q, world, with_video=False, context=context[q["video"]]) for q in questions]
+    if stage == "lm":  # plain text; the loss covers the whole text
+        texts = [c["conversations"][1]["value"] for c in captions]
+        texts += [t["prompt"] + t["answer"] for t in text_qa]
+        texts += [format_mc(q["question"], q["options"]) + q["answer"] for q in questions]
+        return [{"prompt": "", "answer": t} for t in texts]
+    if stage in ("align", "vision"):
+        return [caption_item(c, world) for c in captions]
+    video = [mc_item(q, world) for q in questions] + [caption_item(c, world) for c in captions]
+    n_text = int(len(video) * cfg.text_share / (1 - cfg.text_share))
+    return video + [text_qa[i] for i in rng.choice(len(text_qa), n_text, replace=n_text > len(text_qa))]
+
+
+def trainable(model, stage):
+    """Which parts learn in each stage (the rest is frozen)."""
+    parts = {"lm": [model.lm], "align": [model.projector, model.resampler],
+             "vision": [model.image_encoder, model.projector, model.resampler],
+             "sft": [model.projector, model.resampler, model.lm]}[stage]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for part in parts:
+        for p in part.parameters():
+            p.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One training loop for every stage, one evaluation routine
+
+
+def lr_at(step, steps, base, warmup):
+    """Linear warm-up, then cosine decay to 10% of base."""
+    w = max(1, int(warmup * steps))
+    if step < w:
+        return base * (step + 1) / w
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w))))
+
+
+def to_device(batch, device):
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def train_stage(model, stage, dataset, cfg, env):
+    steps, base_lr = getattr(cfg, f"{stage}_steps"), getattr(cfg, f"{stage}_lr")
+    params = trainable(model, stage)
+    decay = [p for p in params if p.dim() >= 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=base_lr, betas=(0.9, 0.95), fused=env["device"].type == "cuda")
+    start, last_path = 0, os.path.join(cfg.out_dir, f"{stage}_last.pt")
+    if os.path.exists(last_path):
+        if cfg.resume:
+            ckpt = load_checkpoint(last_path, cfg)
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            start = ckpt["step"]
+            print(f"[{stage}] resuming from step {start}")
+        else:
+            print(f"[{stage}] {last_path} exists; starting the stage afresh (pass --resume to continue it)")
+    model.train()
+    order = batches(len(dataset), cfg.batch_size, cfg.seed * 1000 + STAGES.index(stage), start)
+    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True)
+    t0, tokens = time.perf_counter(), 0
+    for step in bar:
+        batch = to_device(collate([dataset[i] for i in next(order)]), env["device"])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, base_lr, cfg.warmup)
+        with env["autocast"]():
+            _, loss = model(batch["ids"], batch["frames"], batch["labels"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += batch["ids"].numel()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            if env["device"].type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            row = {"stage": stage, "step": step + 1, "loss": round(loss.item(), 4), "lr": opt.param_groups[0]["lr"],
+                   "tokens_per_s": round(tokens / dt), "ms_per_step": round(1000 * dt / cfg.log_every, 1)}
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=row["tokens_per_s"])
+            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            t0, tokens = time.perf_counter(), 0
+        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
+            save_checkpoint(last_path, model, opt, stage, step + 1, cfg)
+    save_checkpoint(os.path.join(cfg.out_dir, f"{stage}.pt"), model, opt, stage, steps, cfg)
+    if os.path.exists(last_path):
+        os.remove(last_path)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, cfg, env):
+    """Accuracy of the model's letter choices on multiple-choice items, overall and per category."""
+    model.eval()
+    right = []
+    for lo in range(0, len(dataset), cfg.eval_batch_size):
+        batch = to_device(collate([dataset[i] for i in range(lo, min(lo + cfg.eval_batch_size, len(dataset)))]),
+                          env["device"])
+        with env["autocast"]():
+            logits, _ = model(batch["ids"], batch["frames"])
+        choice = choose_letters(logits, batch["last"], batch["n_options"]).cpu()
+        right += [int(c) == ord(dataset.items[lo + k]["answer"]) - 65 for k, c in enumerate(choice)]
+    model.train()
+
+    def score(keep):
+        rows = [(it["category"], r) for it, r in zip(dataset.items, right) if keep(it)]
+        cats = sorted({c for c, _ in rows}, key=lambda c: CATEGORIES.index(c) if c in CATEGORIES else 99)
+        return {"overall": round(float(np.mean([r for _, r in rows])), 4) if rows else None,
+                "categories": {c: round(float(np.mean([r for k, r in rows if k == c])), 4) for c in cats},
+                "n": len(rows), "chance": round(float(np.mean([1 / it["n_options"] for it in dataset.items])), 4)}
+
+    result = score(lambda it: not it.get("shortcut"))
+    result["with_shortcuts"] = score(lambda it: True)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: plain state dicts (no compile prefix), refused when they come from another model config
+
+
+def save_checkpoint(path, model, opt, stage, step, cfg):
+    tmp = path + ".tmp"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "stage": stage, "step": step,
+                "config": asdict(cfg)}, tmp)
+    os.replace(tmp, path)
+
+
+MODEL_KEYS = ["image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads", "tokens_per_frame",
+              "resampler_layers", "lm_dim", "lm_layers", "lm_heads", "vocab_size", "frames_per_clip"]
+
+
+def load_checkpoint(path, cfg):
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    diff = {k: (ckpt["config"].get(k), getattr(cfg, k)) for k in MODEL_KEYS if ckpt["config"].get(k) != getattr(cfg, k)}
+    if diff:
+        raise ConfigError(f"{path} was trained with another model config: " +
+                          ", ".join(f"{k}={a} there, {b} here" for k, (a, b) in diff.items()))
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def setup(cfg):
+    device = pick_device(cfg.device)
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"
+                                          and torch.cuda.is_bf16_supported())
+    env = {"device": device, "bf16": use_bf16,
+           "autocast": lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)}
+    env["compile"] = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
+    return env
+
+
+def get_tokenizer(cfg, world):
+    path = os.path.join(cfg.out_dir, "tokenizer.json")
+    if os.path.exists(path):
+        return Tokenizer.load(path)
+    texts = [c["conversations"][1]["value"] for c in load_jsonl(f"{world}/captions_train.jsonl")]
+    texts += [format_mc(q["question"], q["options"]) + q["answer"] for q in load_jsonl(f"{world}/train.jsonl")]
+    tok = Tokenizer.train(texts, cfg.vocab_size)
+    tok.save(path)
+    return tok
+
+
+def main(argv):
+    if "--help" in argv or "-h" in argv:
+        print(__doc__ + "\n" + inspect.getsource(Config) + "\npresets: " + json.dumps(PRESETS, indent=1))
+        return None
+    cfg = config_from_args(argv)
+    env = setup(cfg)
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(asdict(cfg), f, indent=1)
+    t_start = time.perf_counter()
+    world = make_world(WorldConfig(seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
+                                   questions_per_video=cfg.questions_per_video, min_seconds=cfg.min_seconds,
+                                   max_seconds=cfg.max_seconds), cfg.data_dir)
+    tok = get_tokenizer(cfg, world)
+    model = Apollo(model_config(cfg, tok.vocab_size)).to(env["device"])
+    print(f"device {env['device']}, bf16 {env['bf16']}, compile {env['compile']}, preset {cfg.preset}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, world {world}")
+    if env["compile"]:
+        for part in (model.image_encoder, model.resampler, model.lm):
+            part.compile()
+    rng = np.random.default_rng(cfg.seed)
+    for stage in STAGES if cfg.stage == "all" else [cfg.stage]:
+        done = os.path.join(cfg.out_dir, f"{stage}.pt")
+        if os.path.exists(done) and cfg.stage == "all":
+            model.load_state_dict(load_checkpoint(done, cfg)["model"])
+            print(f"[{stage}] reusing {done}")
+            continue
+        if cfg.stage != "all" and STAGES.index(stage) > 0:
+            prev = os.path.join(cfg.out_dir, f"{STAGES[STAGES.index(stage) - 1]}.pt")
+            if os.path.exists(prev):
+                model.load_state_dict(load_checkpoint(prev, cfg)["model"])
+        items = stage_items(stage, world, cfg, rng)
+        train_stage(model, stage, Samples(items, tok, cfg, model.tokens_per_clip), cfg, env)
+    test = [dict(mc_item(q, world), eval=True) for q in load_jsonl(f"{world}/test.jsonl")]
+    result = evaluate(model, Samples(test, tok, cfg, model.tokens_per_clip), cfg, env)
+    result["minutes"] = round((time.perf_counter() - t_start) / 60, 2)
+    with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    cats = " ".join(f"{k} {v:.3f}" for k, v in result["categories"].items())
+    print(f"test accuracy {result['overall']:.3f} (chance {result['chance']:.2f}, n={result['n']}; "
+          f"{result['with_shortcuts']['overall']:.3f} with shortcuts) | {cats} | {result['minutes']} min")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, DataError, VideoError) as e:
+        sys.exit(f"error: {e}")
