@@ -90,7 +90,7 @@ def make_scene(rng, cfg, name):
                "vx": float(speeds[i] * np.cos(angle)), "vy": float(speeds[i] * np.sin(angle)),
                "stop": round(float(rng.uniform(0.5, 0.9) * duration), 2) if rng.random() < 0.5 else None,
                "color_change": None}
-        if i == 0 and rng.random() < 0.3:
+        if i == 0 and rng.random() < 0.3 and duration - obj["appear"] > 3:
             obj["color_change"] = {"time": round(float(rng.uniform(obj["appear"] + 1, duration - 1)), 2),
                                    "color": str(colors[n_obj])}
         obj["bounces"] = [round(t, 2) for t in simulate(obj, duration, cfg.size)[1]]
@@ -409,7 +409,9 @@ def make_world(cfg, root="data", workers=None, log=print):
     log(f"generating {len(jobs)} videos into {out} with {workers} processes")
     if workers > 1:
         import multiprocessing as mp
-        with mp.get_context("spawn").Pool(workers) as pool:
+        # fork where the OS has it: spawn would re-run a caller's script that lacks a __main__ guard
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(workers) as pool:
             results = pool.starmap(make_video, [(cfg, out, s, i) for s, i in jobs], chunksize=8)
     else:
         results = [make_video(cfg, out, s, i) for s, i in jobs]

@@ -123,8 +123,12 @@ def format_mc(question, options):
     return "\n".join(lines) + "\nAnswer with the option's letter.\nAnswer: "
 
 
-def build_sample(tok, prompt, answer, video=None):
-    """ids and labels for <bos> [video ids] prompt answer <eos>, the loss on answer and <eos> only."""
-    head = [BOS] + list(video or []) + tok.encode(prompt)
-    tail = tok.encode(answer) + [EOS]
-    return head + tail, [IGNORE] * len(head) + tail
+def build_sample(tok, turns, video=None):
+    """ids and labels for <bos> [video ids] prompt1 answer1 \n prompt2 answer2 ... <eos>: a conversation of
+    (prompt, answer) turns about one video, the loss on the answers and the final <eos> only."""
+    ids, labels = [BOS] + list(video or []), [IGNORE] * (1 + len(video or []))
+    for k, (prompt, answer) in enumerate(turns):
+        p, a = tok.encode(prompt), tok.encode(answer) + ([EOS] if k == len(turns) - 1 else tok.encode("\n"))
+        ids += p + a
+        labels += [IGNORE] * len(p) + a
+    return ids, labels

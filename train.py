@@ -187,11 +187,12 @@ def pick_device(name):
 
 
 class Samples(torch.utils.data.Dataset):
-    """items: dicts with 'prompt', 'answer' and optionally 'video' (a path). Frames are cached after first use."""
+    """items: dicts with 'turns' [(prompt, answer)] and optionally 'video' (a path). A video is sampled once: its uint8
+    frames are kept in `cache` (shared by the stages of a run), so later epochs and stages decode nothing."""
 
-    def __init__(self, items, tok, cfg, tokens_per_clip):
+    def __init__(self, items, tok, cfg, tokens_per_clip, cache=None):
         self.items, self.tok, self.cfg, self.tokens_per_clip = items, tok, cfg, tokens_per_clip
-        self.frames = {}
+        self.frames = {} if cache is None else cache
 
     def clips_of(self, path):
         if path not in self.frames:
@@ -215,9 +216,9 @@ class Samples(torch.utils.data.Dataset):
         if item.get("video"):
             frames, clips = self.clips_of(item["video"])
             video = video_tokens(self.tok, clips, self.tokens_per_clip, self.cfg.integration)
-        ids, labels = build_sample(self.tok, item["prompt"], item["answer"], video)
+        ids, labels = build_sample(self.tok, item["turns"], video)
         if item.get("eval"):  # scoring: no answer, the model's next token is its choice
-            ids, labels = ids[: len(ids) - len(self.tok.encode(item["answer"])) - 1], None
+            ids, labels = ids[: len(ids) - len(self.tok.encode(item["turns"][-1][1])) - 1], None
         return {"ids": ids, "labels": labels, "frames": frames, "n_options": item.get("n_options", 0)}
 
 
@@ -245,34 +246,45 @@ def batches(n, batch_size, seed, start_step):
         pos += batch_size
 
 
-def mc_item(q, root, with_video=True, context=None):
-    prompt = format_mc(q["question"], q["options"])
-    if context:
-        prompt = f"Description: {context}\n{prompt}"
-    return {"video": os.path.join(root, q["video"]) if with_video else None, "prompt": prompt,
-            "answer": q["answer"], "n_options": len(q["options"]), "category": q.get("category", "unknown"),
-            "shortcut": q.get("shortcut")}
+def mc_item(q, root):
+    """One multiple-choice question about its video: what evaluation scores."""
+    return {"video": os.path.join(root, q["video"]), "turns": [(format_mc(q["question"], q["options"]), q["answer"])],
+            "n_options": len(q["options"]), "category": q.get("category", "unknown"), "shortcut": q.get("shortcut")}
 
 
-def caption_item(c, root, with_video=True):
+def conversation_items(questions, root, rng, context=None):
+    """All questions about a video as one conversation (as in LLaVA-Video's data): one encoding of the video
+    serves several answers. With context (video -> caption), the caption replaces the video: text only."""
+    by_video = {}
+    for q in questions:
+        by_video.setdefault(q["video"], []).append((format_mc(q["question"], q["options"]), q["answer"]))
+    items = []
+    for video, turns in by_video.items():
+        turns = [turns[i] for i in rng.permutation(len(turns))]
+        if context is None:
+            items.append({"video": os.path.join(root, video), "turns": turns})
+        else:
+            items.append({"video": None, "turns": [(f"Description: {context[video]}\n" + turns[0][0], turns[0][1])]
+                          + turns[1:]})
+    return items
+
+
+def caption_item(c, root):
     human = c["conversations"][0]["value"].replace("<video>", "").strip()
-    return {"video": os.path.join(root, c["video"]) if with_video else None, "prompt": human + "\n",
-            "answer": c["conversations"][1]["value"]}
+    return {"video": os.path.join(root, c["video"]), "turns": [(human + "\n", c["conversations"][1]["value"])]}
 
 
 def stage_items(stage, world, cfg, rng):
     """The training samples of a stage: what the paper feeds each stage, in our world."""
     questions, captions = load_jsonl(f"{world}/train.jsonl"), load_jsonl(f"{world}/captions_train.jsonl")
     context = {c["video"]: c["conversations"][1]["value"] for c in captions}
-    text_qa = [mc_item(q, world, with_video=False, context=context[q["video"]]) for q in questions]
+    text_qa = conversation_items(questions, world, rng, context)  # text only: the caption stands for the video
     if stage == "lm":  # plain text; the loss covers the whole text
         texts = [c["conversations"][1]["value"] for c in captions]
-        texts += [t["prompt"] + t["answer"] for t in text_qa]
-        texts += [format_mc(q["question"], q["options"]) + q["answer"] for q in questions]
-        return [{"prompt": "", "answer": t} for t in texts]
+        return [{"turns": [("", t)]} for t in texts] + text_qa
     if stage in ("align", "vision"):
         return [caption_item(c, world) for c in captions]
-    video = [mc_item(q, world) for q in questions] + [caption_item(c, world) for c in captions]
+    video = conversation_items(questions, world, rng) + [caption_item(c, world) for c in captions]
     n_text = int(len(video) * cfg.text_share / (1 - cfg.text_share))
     return video + [text_qa[i] for i in rng.choice(len(text_qa), n_text, replace=n_text > len(text_qa))]
 
@@ -366,7 +378,7 @@ def evaluate(model, dataset, cfg, env):
         with env["autocast"]():
             logits, _ = model(batch["ids"], batch["frames"])
         choice = choose_letters(logits, batch["last"], batch["n_options"]).cpu()
-        right += [int(c) == ord(dataset.items[lo + k]["answer"]) - 65 for k, c in enumerate(choice)]
+        right += [int(c) == ord(dataset.items[lo + k]["turns"][-1][1]) - 65 for k, c in enumerate(choice)]
     model.train()
 
     def score(keep):
@@ -450,7 +462,7 @@ def main(argv):
     if env["compile"]:
         for part in (model.image_encoder, model.resampler, model.lm):
             part.compile()
-    rng = np.random.default_rng(cfg.seed)
+    rng, cache = np.random.default_rng(cfg.seed), {}
     for stage in STAGES if cfg.stage == "all" else [cfg.stage]:
         done = os.path.join(cfg.out_dir, f"{stage}.pt")
         if os.path.exists(done) and cfg.stage == "all":
@@ -462,7 +474,7 @@ def main(argv):
             if os.path.exists(prev):
                 model.load_state_dict(load_checkpoint(prev, cfg)["model"])
         items = stage_items(stage, world, cfg, rng)
-        train_stage(model, stage, Samples(items, tok, cfg, model.tokens_per_clip), cfg, env)
+        train_stage(model, stage, Samples(items, tok, cfg, model.tokens_per_clip, cache), cfg, env)
     test = [dict(mc_item(q, world), eval=True) for q in load_jsonl(f"{world}/test.jsonl")]
     result = evaluate(model, Samples(test, tok, cfg, model.tokens_per_clip), cfg, env)
     result["minutes"] = round((time.perf_counter() - t_start) / 60, 2)

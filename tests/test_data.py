@@ -1,0 +1,161 @@
+"""The synthetic world: seeded, answers true to the script, letters balanced, frames showing the script.
+
+    pytest tests/test_data.py
+"""
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+
+import data
+from data import COLORS, DataError, WorldConfig, load_jsonl, make_world
+from sampling import sample_uniform
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def test_same_seed_same_world(tmp_path, tiny_world):
+    world, cfg = tiny_world
+    again = make_world(cfg, str(tmp_path), workers=2)  # other folder, other process count
+    for name in ("train.jsonl", "test.jsonl", "captions_train.jsonl", "scenes.jsonl"):
+        assert read(os.path.join(world, name)) == read(os.path.join(again, name))
+    video = load_jsonl(os.path.join(world, "train.jsonl"))[0]["video"]
+    np.testing.assert_array_equal(sample_uniform(os.path.join(world, video), 6)[0],
+                                  sample_uniform(os.path.join(again, video), 6)[0])
+    other = make_world(WorldConfig(**{**cfg.__dict__, "seed": cfg.seed + 1}), str(tmp_path), workers=1)
+    assert read(os.path.join(world, "train.jsonl")) != read(os.path.join(other, "train.jsonl"))
+
+
+def test_second_run_reuses_the_cache(tiny_world):
+    world, cfg = tiny_world
+    stamp = os.path.getmtime(os.path.join(world, "train.jsonl"))
+    assert make_world(cfg, os.path.dirname(world)) == world
+    assert os.path.getmtime(os.path.join(world, "train.jsonl")) == stamp
+
+
+def expected_answer(q, scene):
+    """The answer, recomputed from the script alone, for each template."""
+    D, size, objs, glyphs = scene["duration"], scene["size"], scene["objects"], scene["glyphs"]
+    by_shape = {o["shape"]: o for o in objs}
+    words = q["question"].rstrip("?").split()
+    t = q["template"]
+    if t == "first_char":
+        return min(glyphs, key=lambda g: g["start"])["char"]
+    if t == "last_char":
+        return max(glyphs, key=lambda g: g["start"])["char"]
+    if t == "char_after":
+        chars = [g["char"] for g in sorted(glyphs, key=lambda g: g["start"])]
+        return chars[chars.index(words[-1]) + 1]
+    if t == "char_at_second":
+        s = float(words[-1])
+        return next(g["char"] for g in glyphs if g["start"] <= s < g["end"])
+    if t in ("camera_direction", "camera_first"):
+        return scene["camera"][0]["direction"]
+    if t == "camera_end":
+        return scene["camera"][-1]["direction"]
+    if t.startswith("relation"):
+        a, b = by_shape[words[-5]], by_shape[words[-1]]
+        when = D if t == "relation_end" else next(g["start"] for g in glyphs if g["char"] == words[2])
+        (ax, ay), (bx, by) = data.position_at(a, when, D, size), data.position_at(b, when, D, size)
+        if abs(ax - bx) > abs(ay - by):
+            return "right of" if ax > bx else "left of"
+        return "below" if ay > by else "above"
+    if t == "highest_end":
+        return min(objs, key=lambda o: data.position_at(o, D, D, size)[1])["shape"]
+    if t in ("color", "color_start"):
+        return by_shape[words[-1] if t == "color" else words[-4]]["color"]
+    if t == "color_end":
+        return by_shape[words[-4]]["color_change"]["color"]
+    if t == "count_objects":
+        return str(len(objs))
+    if t == "count_chars":
+        return str(len(glyphs))
+    if t == "fastest":
+        return max(objs, key=lambda o: o["vx"] ** 2 + o["vy"] ** 2)["shape"]
+    if t == "appeared_first":
+        return min(objs, key=lambda o: o["appear"])["shape"]
+    if t == "bounces":
+        return str(len(by_shape[words[-5]]["bounces"]))
+    if t == "stop_second":
+        return str(round(by_shape[words[-2]]["stop"]))
+    raise AssertionError(f"no check for template {t}")
+
+
+def test_every_answer_agrees_with_the_scene_script(tmp_path):
+    cfg = WorldConfig(seed=11, n_train=0, n_val=0, n_test=0)
+    rng = np.random.default_rng(0)
+    seen = Counter()
+    for i in range(150):
+        scene = data.make_scene(rng, cfg, f"v{i}")
+        for q in data.pick_questions(scene, rng, cfg):
+            assert q["category"] in data.CATEGORIES and len(q["options"]) == 4 == len(set(q["options"]))
+            answer = q["options"]["ABCD".index(q["answer"])]
+            assert answer == expected_answer(q, scene), (q, scene)
+            seen[q["template"]] += 1
+    assert len(seen) >= 15  # several templates per category were exercised
+    assert {q.split("_")[0] for q in seen} >= {"first", "camera", "relation", "color", "count", "bounces"}
+
+
+def test_answer_letters_balanced_and_shortcuts_marked():
+    cfg = WorldConfig(seed=5)
+    rng = np.random.default_rng(1)
+    qs = []
+    while len(qs) < 1000:
+        qs += data.pick_questions(data.make_scene(rng, cfg, "v"), rng, cfg)
+    qs = qs[:1000]
+    letters = Counter(q["answer"] for q in qs)
+    assert all(0.20 <= letters[k] / 1000 <= 0.30 for k in "ABCD"), letters
+    cats = Counter(q["category"] for q in qs)
+    assert set(cats) == set(data.CATEGORIES)
+    kinds = Counter(q["shortcut"] for q in qs)
+    assert kinds["text"] > 50 and kinds["frame"] > 20 and kinds[None] > 600, kinds
+    for q in qs:
+        if q["shortcut"] == "text":  # only the answer is of the right kind: the text alone gives it away
+            answer = q["options"]["ABCD".index(q["answer"])]
+            assert [o for o in q["options"] if o not in data.ABSURD] == [answer]
+
+
+def test_frames_show_what_the_script_says(tiny_world):
+    world, _ = tiny_world
+    scenes = {s["name"]: s for s in load_jsonl_raw(os.path.join(world, "scenes.jsonl"))}
+    checked = 0
+    for name, scene in scenes.items():
+        path = os.path.join(world, "videos", f"{name}.mp4")
+        frames, times = sample_uniform(path, 5)
+        for img, t in zip(frames, times):
+            covered = [(g["x"], g["y"], g["x"] + 11, g["y"] + 17) for g in scene["glyphs"] if g["start"] <= t < g["end"]]
+            visible = [o for o in scene["objects"] if o["appear"] <= t]
+            for k, obj in enumerate(visible):
+                x, y = data.position_at(obj, t, scene["duration"], scene["size"]).round().astype(int)
+                others = [data.position_at(o, t, scene["duration"], scene["size"]) for o in visible[k + 1:]]
+                if any(np.hypot(*(p - (x, y))) < 16 for p in others) or any(
+                        x0 - 2 <= x <= x1 + 2 and y0 - 2 <= y <= y1 + 2 for x0, y0, x1, y1 in covered):
+                    continue  # drawn over by another object or a glyph
+                colour = COLORS[data.color_at(obj, t)]
+                assert np.abs(img[y, x].astype(int) - colour).max() < 60, (name, t, obj["shape"], img[y, x], colour)
+                checked += 1
+    assert checked >= 20
+
+
+def load_jsonl_raw(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_bad_jsonl_line_names_file_and_line(tmp_path):
+    good = {"id": "q", "video": "v.mp4", "question": "?", "options": ["a", "b"], "answer": "B"}
+    cases = {"{not json": "not valid JSON", json.dumps({**good, "answer": "C"}): "'answer' must be one of",
+             json.dumps({k: v for k, v in good.items() if k != "options"}): "missing key 'options'",
+             "[1, 2]": "expected a JSON object", json.dumps({**good, "video": 3}): "missing key 'video'"}
+    for line, message in cases.items():
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps(good) + "\n\n" + line + "\n")
+        with pytest.raises(DataError, match=rf"bad.jsonl, line 3: .*{message}"):
+            load_jsonl(str(path))
+    with pytest.raises(DataError, match="missing.jsonl: cannot open"):
+        load_jsonl(str(tmp_path / "missing.jsonl"))

@@ -1,0 +1,119 @@
+"""Each module of the model path on a tiny config: encoder, resampler, tokenizer, interleaving, the LM and Apollo.
+
+    pytest tests/test_model.py
+"""
+import random
+
+import torch
+import torch.nn.functional as F
+
+from apollo import Apollo, ApolloConfig, LMConfig, choose_letters
+from encoders import EncoderConfig, ImageEncoder, preprocess
+from integrate import BOS, EOS, IGNORE, SPECIALS, VIDEO, VID_END, VID_START, Tokenizer, build_sample, video_tokens
+from resampler import PerceiverResampler, Projector, ResamplerConfig
+
+CORPUS = ["A red circle appears at 0 s. The camera pans left.", "Which character appeared first?",
+          "The square bounces 2 times and stops at 7 s.", "clip from 00:04-00:08:"] * 5
+
+
+def tiny_apollo(vocab=300):
+    return Apollo(ApolloConfig(EncoderConfig(32, 8, 16, 1, 2), ResamplerConfig(2, 1, 2), LMConfig(vocab, 32, 2, 2, 256),
+                               frames_per_clip=2))
+
+
+def test_image_encoder_grid_shape():
+    enc = ImageEncoder(EncoderConfig(image_size=32, patch_size=8, dim=16, n_layer=1, n_head=2))
+    frames = torch.randint(0, 256, (6, 40, 48, 3), dtype=torch.uint8)
+    x = preprocess(frames, 32).view(3, 2, 3, 32, 32)  # 3 clips of 2 frames, resized from 40x48
+    assert enc(x).shape == (3, 2, 4, 4, 16)  # (B, T, H, W, D)
+
+
+def test_perceiver_resampler_tokens_per_frame_whatever_the_grid():
+    res = PerceiverResampler(ResamplerConfig(tokens_per_frame=3, n_layer=2, n_head=2), dim=16, frames_per_clip=4)
+    for grid in (2, 5):
+        assert res(torch.randn(7, 4, grid, grid, 16)).shape == (7, 12, 16)
+    assert Projector(8, 16)(torch.randn(2, 3, 8)).shape == (2, 3, 16)
+
+
+def test_tokenizer_round_trips_any_utf8_and_learns_merges():
+    tok = Tokenizer.train(CORPUS, 340)
+    assert tok.vocab_size == 340
+    text = CORPUS[0]
+    assert len(tok.encode(text)) < len(text.encode()) / 3  # merges compress text like the corpus
+    rnd = random.Random(0)
+    for _ in range(200):
+        s = "".join(chr(rnd.choice([rnd.randrange(32, 127), rnd.randrange(0x80, 0xD7FF), rnd.randrange(0xE000, 0x10FFFF)]))
+                    for _ in range(rnd.randrange(0, 30)))
+        assert tok.decode(tok.encode(s)) == s
+    for s in ["", " ", "\n\n  x", "tabs\tand_under__scores", "日本語のテキスト 🎥", "<video> is text here"]:
+        assert tok.decode(tok.encode(s)) == s
+    assert not set(tok.encode("<video><eos>")) & set(range(256, 256 + len(SPECIALS)))  # no special from text
+
+
+def test_tokenizer_save_load(tmp_path):
+    tok = Tokenizer.train(CORPUS, 290)
+    tok.save(tmp_path / "tok.json")
+    assert Tokenizer.load(tmp_path / "tok.json").encode(CORPUS[2]) == tok.encode(CORPUS[2])
+
+
+def test_timestamp_interleaving_matches_the_paper():
+    tok = Tokenizer.train(CORPUS, 300)
+    ids = video_tokens(tok, [(0.0, 4.0), (64.2, 68.0)], 5, "timestamp")
+    assert tok.decode(ids) == "clip from 00:00-00:04:" + "<video>" * 5 + "clip from 01:04-01:08:" + "<video>" * 5 + "\n"
+    ids = video_tokens(tok, [(0.0, 4.0)], 3, "timestamp_start_end")
+    assert ids.count(VIDEO) == 3 and ids.index(VID_START) < ids.index(VIDEO) < ids.index(VID_END)
+    assert tok.decode(video_tokens(tok, [(0.0, 4.0)] * 2, 2, "plain")) == "<video>" * 4 + "\n"
+
+
+def test_build_sample_puts_the_loss_on_the_answer_only():
+    tok = Tokenizer.train(CORPUS, 300)
+    ids, labels = build_sample(tok, [("Question?\nAnswer: ", "B"), ("Next?\nAnswer: ", "D")], [VIDEO] * 4)
+    assert ids[0] == BOS and ids[-1] == EOS and ids.count(VIDEO) == 4
+    assert tok.decode(ids) == "<bos>" + "<video>" * 4 + "Question?\nAnswer: B\nNext?\nAnswer: D<eos>"
+    assert [t for t in labels if t != IGNORE] == [ord("B")] + tok.encode("\n") + [ord("D"), EOS]
+
+
+def test_apollo_places_visual_tokens_and_loss_counts_answers_only():
+    torch.manual_seed(0)
+    model = tiny_apollo()
+    L = model.tokens_per_clip
+    ids = torch.tensor([[BOS] + [VIDEO] * L + [65, 66, 67, EOS], [BOS] + [VIDEO] * L + [68, 69, EOS, 0]])
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, -3:-1] = ids[:, -3:-1]
+    frames = torch.randint(0, 256, (2, 2, 32, 32, 3), dtype=torch.uint8)  # one clip per sample
+    logits, loss = model(ids, frames, labels)
+    assert logits.shape == (2, ids.shape[1], 300)
+    manual = F.cross_entropy(logits[:, :-1].reshape(-1, 300), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    torch.testing.assert_close(loss, manual)
+    # the second sample's frames reach only the second sample, and only after its visual tokens
+    frames2 = frames.clone()
+    frames2[1] = 255 - frames2[1]
+    logits2, _ = model(ids, frames2, labels)
+    torch.testing.assert_close(logits2[0], logits[0])
+    torch.testing.assert_close(logits2[1, 0], logits[1, 0])
+    assert not torch.allclose(logits2[1, L + 1:], logits[1, L + 1:])
+
+
+def test_choose_letters_picks_the_largest_option_logit():
+    logits = torch.zeros(2, 3, 300)
+    logits[0, 1, ord("C")] = 5.0
+    logits[0, 1, ord("Z")] = 9.0  # not an option
+    logits[1, 2, ord("D")] = 5.0  # beyond this question's 3 options
+    logits[1, 2, ord("B")] = 1.0
+    choice = choose_letters(logits, torch.tensor([1, 2]), torch.tensor([4, 3]))
+    assert choice.tolist() == [2, 1]
+
+
+def test_apollo_learns_a_tiny_batch():
+    torch.manual_seed(0)
+    model = tiny_apollo()
+    ids = torch.tensor([[BOS, 70, 71, 72, 73, EOS]] * 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        _, loss = model(ids, None, ids)
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.5 * first

@@ -1,0 +1,137 @@
+"""train.py: the whole pipeline at the smoke preset, the CLI contract, resume, and the gpu preset's step.
+
+    pytest tests/test_train.py
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from train import ConfigError, Samples, config_from_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_smoke_preset_runs_the_whole_pipeline_in_under_a_minute(tmp_path):
+    out, data = tmp_path / "out", tmp_path / "data"
+    start = time.time()
+    run = subprocess.run([sys.executable, "train.py", "--preset=smoke", f"--out_dir={out}", f"--data_dir={data}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert time.time() - start < 60
+    result = json.loads((out / "eval.json").read_text())
+    assert set(result) >= {"overall", "categories", "n", "chance", "with_shortcuts"}
+    assert set(result["categories"]) <= set(train.CATEGORIES) and result["chance"] == 0.25
+    assert 0 <= result["overall"] <= 1 and result["n"] < result["with_shortcuts"]["n"]
+    assert json.loads((out / "config.json").read_text())["preset"] == "smoke"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows if r["step"] == 1] == train.STAGES
+    assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert all((out / f"{s}.pt").exists() for s in train.STAGES)
+    assert "test accuracy" in run.stdout
+    # a second run reuses every stage's checkpoint and only evaluates
+    again = subprocess.run([sys.executable, "train.py", "--preset=smoke", f"--out_dir={out}", f"--data_dir={data}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.count("reusing") == 4
+    assert json.loads((out / "eval.json").read_text())["overall"] == result["overall"]
+
+
+def test_cli_overrides_and_errors():
+    cfg = config_from_args(["--preset=smoke", "--lm_dim=48", "--resume", "--compile=false", "--fps=0.5"])
+    assert cfg.lm_dim == 48 and cfg.resume is True and cfg.fps == 0.5 and cfg.vit_dim == train.PRESETS["smoke"]["vit_dim"]
+    assert config_from_args(["--resume=false"]).resume is False
+    with pytest.raises(ConfigError, match="unknown config key --lm_dimm; did you mean lm_dim"):
+        config_from_args(["--lm_dimm=3"])
+    with pytest.raises(ConfigError, match="--lm_dim: expected int, got 'big'"):
+        config_from_args(["--lm_dim=big"])
+    with pytest.raises(ConfigError, match="--resume: expected true or false"):
+        config_from_args(["--resume=maybe"])
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        config_from_args(["--preset=huge"])
+    with pytest.raises(ConfigError, match="--integration"):
+        config_from_args(["--integration=interleaved"])
+    run = subprocess.run([sys.executable, "train.py", "--vit_dimm=3"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode != 0 and "did you mean vit_dim" in run.stderr and "Traceback" not in run.stderr
+    helped = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert helped.returncode == 0 and "tokens_per_frame: int = 8" in helped.stdout and "smoke" in helped.stdout
+
+
+def small_setup(tiny_world, tmp_path, *args):
+    world, _ = tiny_world
+    cfg = config_from_args(["--preset=smoke", f"--out_dir={tmp_path}", *args])
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    tok = train.get_tokenizer(cfg, world)
+    return world, cfg, tok, train.setup(cfg)
+
+
+class Crashing(Samples):
+    """Samples that die (like a killed run) once `budget` samples have been served."""
+
+    def __init__(self, *args, budget):
+        super().__init__(*args)
+        self.budget = budget
+
+    def __getitem__(self, i):
+        self.budget -= 1
+        if self.budget < 0:
+            raise KeyboardInterrupt
+        return super().__getitem__(i)
+
+
+def test_resume_continues_where_the_stage_stopped(tiny_world, tmp_path):
+    """A stage interrupted after a checkpoint and resumed ends with the weights of an uninterrupted run."""
+    def run(out, crash_in_step=None, resume=False):
+        world, cfg, tok, env = small_setup(tiny_world, out, "--sft_steps=6", "--ckpt_every=2", f"--resume={resume}")
+        torch.manual_seed(0)
+        model = train.Apollo(train.model_config(cfg, tok.vocab_size))
+        items = train.stage_items("sft", world, cfg, np.random.default_rng(0))
+        args = (items, tok, cfg, model.tokens_per_clip)
+        data = Samples(*args) if crash_in_step is None else Crashing(*args, budget=(crash_in_step - 1) * cfg.batch_size)
+        train.train_stage(model, "sft", data, cfg, env)
+        return model
+
+    reference = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", crash_in_step=5)  # dies in step 5, after the checkpoint at step 4
+    assert torch.load(tmp_path / "b" / "sft_last.pt", weights_only=True)["step"] == 4
+    resumed = run(tmp_path / "b", resume=True)
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert not (tmp_path / "b" / "sft_last.pt").exists() and (tmp_path / "b" / "sft.pt").exists()
+
+
+def test_checkpoint_from_another_config_is_refused(tiny_world, tmp_path):
+    world, cfg, tok, env = small_setup(tiny_world, tmp_path)
+    model = train.Apollo(train.model_config(cfg, tok.vocab_size))
+    opt = torch.optim.AdamW(model.parameters())
+    train.save_checkpoint(str(tmp_path / "x.pt"), model, opt, "lm", 1, cfg)
+    other = config_from_args(["--preset=smoke", "--lm_dim=64"])
+    with pytest.raises(ConfigError, match="lm_dim=32 there, 64 here"):
+        train.load_checkpoint(str(tmp_path / "x.pt"), other)
+    assert not any(k.startswith("_orig_mod") for k in torch.load(tmp_path / "x.pt", weights_only=True)["model"])
+
+
+def test_gpu_preset_model_takes_a_step_on_cpu(tiny_world, tmp_path):
+    """The gpu preset's model, at full size, through one sft step on the CPU with a batch of 2."""
+    world, _ = tiny_world
+    cfg = config_from_args(["--preset=gpu", "--device=cpu", "--batch_size=2", f"--out_dir={tmp_path}"])
+    assert cfg.lm_dim == 512 and cfg.compile == "auto"
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    tok = train.get_tokenizer(cfg, world)
+    model = train.Apollo(train.model_config(cfg, tok.vocab_size))
+    items = train.stage_items("sft", world, cfg, np.random.default_rng(0))
+    data = Samples(items[:2], tok, cfg, model.tokens_per_clip)
+    params = train.trainable(model, "sft")
+    before = [p.detach().clone() for p in params]
+    batch = train.collate([data[0], data[1]])
+    _, loss = model(batch["ids"], batch["frames"], batch["labels"])
+    loss.backward()
+    torch.optim.AdamW(params, lr=1e-3).step()
+    assert torch.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, params))
+    assert not model.image_encoder.patch_embed.weight.requires_grad  # encoders frozen in sft
