@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from encoders import EncoderConfig, ImageEncoder, preprocess
-from integrate import IGNORE, VIDEO
+from integrate import ANSWER_SEP, IGNORE, VIDEO
 from layers import Block, RMSNorm, causal_mask, rope_tables
 from resampler import PerceiverResampler, Projector, ResamplerConfig
 
@@ -85,11 +85,13 @@ class Apollo(nn.Module):
         grid = self.image_encoder(x.view(C, T, *x.shape[1:]))  # (C, T, H, W, Dv)
         return self.resampler(self.projector(grid))  # (C, L, D)
 
-    def forward(self, ids, frames=None, labels=None):
-        """ids (B, S) with tokens_per_clip <video> ids per clip, in clip order; frames (C, T, H, W, 3) uint8."""
+    def forward(self, ids, frames=None, labels=None, visual=None):
+        """ids (B, S) with tokens_per_clip <video> ids per clip, in clip order; frames (C, T, H, W, 3) uint8, or
+        visual (C*L, D), the tokens encode_video made of them (decoding reuses them)."""
         x = self.lm.embed(ids)  # (B, S, D)
-        if frames is not None and frames.numel() > 0:
+        if visual is None and frames is not None and frames.numel() > 0:
             visual = self.encode_video(frames).flatten(0, 1)  # (C*L, D), in the order the <video> ids appear
+        if visual is not None:
             x = x.masked_scatter((ids == VIDEO)[..., None], visual.to(x.dtype))
         logits = self.lm(x)  # (B, S, vocab)
         if labels is None:
@@ -99,11 +101,33 @@ class Apollo(nn.Module):
         return logits, loss
 
 
-def choose_letters(logits, last, n_options):
-    """The model's answer to each question: argmax over the option letters' logits after the prompt.
+@torch.no_grad()
+def answer_mc(model, ids, lengths, frames, n_options, max_new=12):
+    """The model's choice on each multiple-choice prompt: it says its option greedily until it writes the
+    separator (or max_new tokens, then the separator is put for it); its choice is the option letter with the
+    largest logit after the separator. ids (B, S) right-padded prompts, lengths (B,) -> (B,) 0-based choices."""
+    B = ids.size(0)
+    visual = model.encode_video(frames).flatten(0, 1) if frames is not None and frames.numel() > 0 else None
+    ids = torch.cat([ids, ids.new_zeros(B, max_new + 1)], dim=1)  # room to write the answers
+    rows, ends = torch.arange(B, device=ids.device), lengths.clone()
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    for _ in range(max_new):
+        logits, _ = model(ids, visual=visual)
+        nxt = logits[rows, ends - 1].argmax(-1)  # (B,)
+        ids[rows[~done], ends[~done]] = nxt[~done]
+        ends = ends + (~done).long()
+        done = done | (nxt == ord(ANSWER_SEP))
+        if done.all():
+            break
+    ids[rows[~done], ends[~done]] = ord(ANSWER_SEP)
+    ends = ends + (~done).long()
+    logits, _ = model(ids, visual=visual)
+    return choose_letters(logits, ends - 1, n_options)
 
-    logits (B, S, vocab); last (B,) the index of each prompt's last token; n_options (B,) -> (B,) 0-based choice.
-    """
+
+def choose_letters(logits, last, n_options):
+    """Argmax over the option letters' logits at position last. logits (B, S, vocab); last (B,); n_options (B,)
+    -> (B,) 0-based choice. The letters are single bytes, so "A" is token 65 whatever the merges."""
     letters = torch.arange(ord("A"), ord("A") + int(n_options.max()), device=logits.device)  # byte-level ids
     scores = logits[torch.arange(len(last), device=logits.device), last][:, letters].float()  # (B, n)
     too_far = torch.arange(len(letters), device=logits.device)[None, :] >= n_options[:, None]

@@ -118,9 +118,19 @@ def video_tokens(tok, clips, tokens_per_clip, integration="timestamp"):
 
 
 def format_mc(question, options):
-    """The multiple-choice prompt; the answer that follows is a single letter."""
+    """The multiple-choice prompt. The answer that follows names the option, then its letter: mc_answer."""
     lines = [f"Question: {question}"] + [f"{chr(65 + k)}. {o}" for k, o in enumerate(options)]
-    return "\n".join(lines) + "\nAnswer with the option's letter.\nAnswer: "
+    return "\n".join(lines) + "\nAnswer with the option, then its letter.\nAnswer:"
+
+
+def mc_answer(options, letter):
+    """" blue:B": the option first, then ':' and its letter. A from-scratch LM this small does not learn, in a
+    CPU budget, to emit a letter whose option it must first work out (two hops, one letter of signal per
+    question); once the option is said, its letter is one look back at the options (an induction step)."""
+    return f" {options[ord(letter) - 65]}{ANSWER_SEP}{letter}"
+
+
+ANSWER_SEP = ":"  # a single byte, so its token id is ord(":") whatever the merges
 
 
 def build_sample(tok, turns, video=None):

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from apollo import Apollo, ApolloConfig, LMConfig, choose_letters
+from apollo import Apollo, ApolloConfig, LMConfig, answer_mc
 from data import CATEGORIES, DataError, WorldConfig, load_jsonl, make_world
 from encoders import EncoderConfig
-from integrate import EOS, IGNORE, INTEGRATIONS, PAD, Tokenizer, build_sample, format_mc, video_tokens
+from integrate import IGNORE, INTEGRATIONS, PAD, Tokenizer, build_sample, format_mc, mc_answer, video_tokens
 from resampler import ResamplerConfig
 from sampling import VideoError, sample_fps, sample_uniform
 
@@ -79,10 +79,10 @@ class Config:
     integration: str = "timestamp"  # plain | start_end | timestamp | timestamp_start_end
     # training (Apollo: AdamW, clip 1, 3% warm-up, cosine decay)
     batch_size: int = 32
-    lm_steps: int = 300
-    align_steps: int = 150
-    vision_steps: int = 400
-    sft_steps: int = 500
+    lm_steps: int = 250
+    align_steps: int = 60
+    vision_steps: int = 200
+    sft_steps: int = 250
     lm_lr: float = 3e-3
     align_lr: float = 2e-3
     vision_lr: float = 1e-3
@@ -216,9 +216,10 @@ class Samples(torch.utils.data.Dataset):
         if item.get("video"):
             frames, clips = self.clips_of(item["video"])
             video = video_tokens(self.tok, clips, self.tokens_per_clip, self.cfg.integration)
-        ids, labels = build_sample(self.tok, item["turns"], video)
-        if item.get("eval"):  # scoring: no answer, the model's next token is its choice
-            ids, labels = ids[: len(ids) - len(self.tok.encode(item["turns"][-1][1])) - 1], None
+        if item.get("eval"):  # scoring: the prompt only; the model writes the answer
+            ids, labels = build_sample(self.tok, [(item["turns"][0][0], "")], video)[0][:-1], None
+        else:
+            ids, labels = build_sample(self.tok, item["turns"], video)
         return {"ids": ids, "labels": labels, "frames": frames, "n_options": item.get("n_options", 0)}
 
 
@@ -248,8 +249,10 @@ def batches(n, batch_size, seed, start_step):
 
 def mc_item(q, root):
     """One multiple-choice question about its video: what evaluation scores."""
-    return {"video": os.path.join(root, q["video"]), "turns": [(format_mc(q["question"], q["options"]), q["answer"])],
-            "n_options": len(q["options"]), "category": q.get("category", "unknown"), "shortcut": q.get("shortcut")}
+    return {"video": os.path.join(root, q["video"]),
+            "turns": [(format_mc(q["question"], q["options"]), mc_answer(q["options"], q["answer"]))],
+            "answer": q["answer"], "n_options": len(q["options"]), "category": q.get("category", "unknown"),
+            "shortcut": q.get("shortcut")}
 
 
 def conversation_items(questions, root, rng, context=None):
@@ -257,7 +260,8 @@ def conversation_items(questions, root, rng, context=None):
     serves several answers. With context (video -> caption), the caption replaces the video: text only."""
     by_video = {}
     for q in questions:
-        by_video.setdefault(q["video"], []).append((format_mc(q["question"], q["options"]), q["answer"]))
+        by_video.setdefault(q["video"], []).append((format_mc(q["question"], q["options"]),
+                                                    mc_answer(q["options"], q["answer"])))
     items = []
     for video, turns in by_video.items():
         turns = [turns[i] for i in rng.permutation(len(turns))]
@@ -376,9 +380,8 @@ def evaluate(model, dataset, cfg, env):
         batch = to_device(collate([dataset[i] for i in range(lo, min(lo + cfg.eval_batch_size, len(dataset)))]),
                           env["device"])
         with env["autocast"]():
-            logits, _ = model(batch["ids"], batch["frames"])
-        choice = choose_letters(logits, batch["last"], batch["n_options"]).cpu()
-        right += [int(c) == ord(dataset.items[lo + k]["turns"][-1][1]) - 65 for k, c in enumerate(choice)]
+            choice = answer_mc(model, batch["ids"], batch["last"] + 1, batch["frames"], batch["n_options"]).cpu()
+        right += [int(c) == ord(dataset.items[lo + k]["answer"]) - 65 for k, c in enumerate(choice)]
     model.train()
 
     def score(keep):
@@ -435,7 +438,8 @@ def get_tokenizer(cfg, world):
     if os.path.exists(path):
         return Tokenizer.load(path)
     texts = [c["conversations"][1]["value"] for c in load_jsonl(f"{world}/captions_train.jsonl")]
-    texts += [format_mc(q["question"], q["options"]) + q["answer"] for q in load_jsonl(f"{world}/train.jsonl")]
+    texts += [format_mc(q["question"], q["options"]) + mc_answer(q["options"], q["answer"])
+              for q in load_jsonl(f"{world}/train.jsonl")]
     tok = Tokenizer.train(texts, cfg.vocab_size)
     tok.save(path)
     return tok

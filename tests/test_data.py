@@ -128,7 +128,8 @@ def test_frames_show_what_the_script_says(tiny_world):
         path = os.path.join(world, "videos", f"{name}.mp4")
         frames, times = sample_uniform(path, 5)
         for img, t in zip(frames, times):
-            covered = [(g["x"], g["y"], g["x"] + 11, g["y"] + 17) for g in scene["glyphs"] if g["start"] <= t < g["end"]]
+            covered = [(g["x"], g["y"], g["x"] + 11, g["y"] + 17)
+                       for g in scene["glyphs"] if g["start"] <= t < g["end"]]
             visible = [o for o in scene["objects"] if o["appear"] <= t]
             for k, obj in enumerate(visible):
                 x, y = data.position_at(obj, t, scene["duration"], scene["size"]).round().astype(int)

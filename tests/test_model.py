@@ -7,9 +7,10 @@ import random
 import torch
 import torch.nn.functional as F
 
-from apollo import Apollo, ApolloConfig, LMConfig, choose_letters
+from apollo import Apollo, ApolloConfig, LMConfig, answer_mc, choose_letters
 from encoders import EncoderConfig, ImageEncoder, preprocess
-from integrate import BOS, EOS, IGNORE, SPECIALS, VIDEO, VID_END, VID_START, Tokenizer, build_sample, video_tokens
+from integrate import (BOS, EOS, IGNORE, PAD, SPECIALS, VID_END, VID_START, VIDEO, Tokenizer, build_sample, format_mc,
+                       mc_answer, video_tokens)
 from resampler import PerceiverResampler, Projector, ResamplerConfig
 
 CORPUS = ["A red circle appears at 0 s. The camera pans left.", "Which character appeared first?",
@@ -42,8 +43,9 @@ def test_tokenizer_round_trips_any_utf8_and_learns_merges():
     assert len(tok.encode(text)) < len(text.encode()) / 3  # merges compress text like the corpus
     rnd = random.Random(0)
     for _ in range(200):
-        s = "".join(chr(rnd.choice([rnd.randrange(32, 127), rnd.randrange(0x80, 0xD7FF), rnd.randrange(0xE000, 0x10FFFF)]))
-                    for _ in range(rnd.randrange(0, 30)))
+        points = [rnd.choice([rnd.randrange(32, 127), rnd.randrange(0x80, 0xD7FF), rnd.randrange(0xE000, 0x10FFFF)])
+                  for _ in range(rnd.randrange(0, 30))]  # ASCII, then the rest of Unicode without surrogates
+        s = "".join(map(chr, points))
         assert tok.decode(tok.encode(s)) == s
     for s in ["", " ", "\n\n  x", "tabs\tand_under__scores", "日本語のテキスト 🎥", "<video> is text here"]:
         assert tok.decode(tok.encode(s)) == s
@@ -117,3 +119,28 @@ def test_apollo_learns_a_tiny_batch():
         opt.step()
         opt.zero_grad()
     assert loss.item() < 0.5 * first
+
+
+def test_answer_mc_lets_the_model_name_its_option_then_reads_its_letter():
+    """A tiny model memorises two answers (" blue:B", " red:D"); answer_mc must read back B and D."""
+    torch.manual_seed(0)
+    tok = Tokenizer.train(CORPUS + ["blue red green white"], 300)
+    qs = [("What colour?", ["green", "blue", "white", "red"], "B"),
+          ("Which colour?", ["blue", "green", "white", "red"], "D")]
+    assert mc_answer(qs[0][1], "B") == " blue:B"
+    samples = [build_sample(tok, [(format_mc(q, o), mc_answer(o, a))]) for q, o, a in qs]
+    S = max(len(i) for i, _ in samples)
+    ids = torch.tensor([i + [PAD] * (S - len(i)) for i, _ in samples])
+    labels = torch.tensor([lab + [IGNORE] * (S - len(lab)) for _, lab in samples])
+    model = tiny_apollo()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(80):
+        _, loss = model(ids, None, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    prompts = [build_sample(tok, [(format_mc(q, o), "")])[0][:-1] for q, o, _ in qs]
+    P = max(map(len, prompts))
+    batch = torch.tensor([p + [PAD] * (P - len(p)) for p in prompts])
+    choice = answer_mc(model.eval(), batch, torch.tensor([len(p) for p in prompts]), None, torch.tensor([4, 4]))
+    assert choice.tolist() == [1, 3]
