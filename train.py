@@ -79,7 +79,7 @@ class Config:
     integration: str = "timestamp"  # plain | start_end | timestamp | timestamp_start_end
     # training (Apollo: AdamW, clip 1, 3% warm-up, cosine decay)
     batch_size: int = 32
-    lm_steps: int = 250
+    lm_steps: int = 150
     align_steps: int = 60
     vision_steps: int = 200
     sft_steps: int = 250
