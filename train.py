@@ -79,9 +79,9 @@ class Config:
     integration: str = "timestamp"  # plain | start_end | timestamp | timestamp_start_end
     # training (Apollo: AdamW, clip 1, 3% warm-up, cosine decay)
     batch_size: int = 32
-    lm_steps: int = 150
+    lm_steps: int = 250
     align_steps: int = 60
-    vision_steps: int = 200
+    vision_steps: int = 150
     sft_steps: int = 250
     lm_lr: float = 3e-3
     align_lr: float = 2e-3
@@ -233,7 +233,7 @@ def collate(batch):
             labels[r, : len(b["labels"])] = torch.tensor(b["labels"])
     frames = [b["frames"] for b in batch if b["frames"] is not None]
     return {"ids": ids, "labels": labels, "frames": torch.cat(frames) if frames else None,
-            "last": torch.tensor([len(b["ids"]) - 1 for b in batch]),
+            "lengths": torch.tensor([len(b["ids"]) for b in batch]),
             "n_options": torch.tensor([b["n_options"] for b in batch])}
 
 
@@ -380,7 +380,7 @@ def evaluate(model, dataset, cfg, env):
         batch = to_device(collate([dataset[i] for i in range(lo, min(lo + cfg.eval_batch_size, len(dataset)))]),
                           env["device"])
         with env["autocast"]():
-            choice = answer_mc(model, batch["ids"], batch["last"] + 1, batch["frames"], batch["n_options"]).cpu()
+            choice = answer_mc(model, batch["ids"], batch["lengths"], batch["frames"], batch["n_options"]).cpu()
         right += [int(c) == ord(dataset.items[lo + k]["answer"]) - 65 for k, c in enumerate(choice)]
     model.train()
 
