@@ -249,6 +249,19 @@ def first_of(items, others):
     return list(dict.fromkeys(list(items) + list(others)))
 
 
+def reading_drills(rng, n):
+    """n text-only drills, "Which option is blue?" among four options of one kind: they teach a from-scratch LM
+    to find a word among the options and copy its letter (an induction step) before it must also work out the
+    word from a caption or a video. Pretrained LMs bring this skill; ours learns it here, in the lm stage."""
+    pools = [list(COLORS), SHAPES, list(DIRECTIONS), RELATIONS, COUNTS, list(FONT), ABSURD]
+    drills = []
+    for _ in range(n):
+        pool = pools[int(rng.integers(len(pools)))]
+        word = str(pool[int(rng.integers(len(pool)))])
+        drills.append(mc(rng, "drill", "which_option", f"Which option is {word}?", word, pool))
+    return drills
+
+
 def questions_for(scene, rng):
     """Every question this scene supports, by category."""
     D, size, objs, glyphs = scene["duration"], scene["size"], scene["objects"], scene["glyphs"]

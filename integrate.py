@@ -19,8 +19,9 @@ SPECIALS = ["<pad>", "<bos>", "<eos>", "<video>", "<vid_start>", "<vid_end>"]
 PAD, BOS, EOS, VIDEO, VID_START, VID_END = range(256, 256 + len(SPECIALS))
 IGNORE = -100  # label of every position without a loss
 # words: letters with an optional leading space, single digits (so numbers are read digit by digit), punctuation
-# runs, underscores, whitespace. Every character falls in one of these, so splitting loses nothing.
-WORDS = re.compile(r" ?[^\W\d_]+| ?\d| ?[^\s\w]+| ?_+|\s+(?!\S)|\s+")
+# runs, underscores, whitespace; "(" always alone, so the answer separator is one byte whatever the merges.
+# Every character falls in one of these, so splitting loses nothing.
+WORDS = re.compile(r"\(| ?[^\W\d_]+| ?\d| ?[^\s\w(]+| ?_+|\s+(?!\S)|\s+")
 INTEGRATIONS = ["plain", "start_end", "timestamp", "timestamp_start_end"]
 
 
@@ -118,19 +119,20 @@ def video_tokens(tok, clips, tokens_per_clip, integration="timestamp"):
 
 
 def format_mc(question, options):
-    """The multiple-choice prompt. The answer that follows names the option, then its letter: mc_answer."""
-    lines = [f"Question: {question}"] + [f"{chr(65 + k)}. {o}" for k, o in enumerate(options)]
-    return "\n".join(lines) + "\nAnswer with the option, then its letter.\nAnswer:"
+    """The multiple-choice prompt: each option followed by its letter, as the answer (mc_answer) says it."""
+    listed = ", ".join(f"{o} ({chr(65 + k)})" for k, o in enumerate(options))
+    return f"Question: {question}\nOptions: {listed}\nAnswer:"
 
 
 def mc_answer(options, letter):
-    """" blue:B": the option first, then ':' and its letter. A from-scratch LM this small does not learn, in a
-    CPU budget, to emit a letter whose option it must first work out (two hops, one letter of signal per
-    question); once the option is said, its letter is one look back at the options (an induction step)."""
-    return f" {options[ord(letter) - 65]}{ANSWER_SEP}{letter}"
+    """" blue (B)": the option, then its letter, written exactly as in the list of options. A from-scratch LM
+    this small does not learn, in a CPU budget, to emit a letter whose option it must first work out (two hops,
+    one letter of signal per question); once the option is said, " (B)" is a copy of what follows it in the
+    prompt, the induction step that small transformers learn first."""
+    return f" {options[ord(letter) - 65]} {ANSWER_SEP}{letter})"
 
 
-ANSWER_SEP = ":"  # a single byte, so its token id is ord(":") whatever the merges
+ANSWER_SEP = "("  # always its own word (WORDS), so its token id is ord("(") whatever the merges
 
 
 def build_sample(tok, turns, video=None):

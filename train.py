@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from apollo import Apollo, ApolloConfig, LMConfig, answer_mc
-from data import CATEGORIES, DataError, WorldConfig, load_jsonl, make_world
+from data import CATEGORIES, DataError, WorldConfig, load_jsonl, make_world, reading_drills
 from encoders import EncoderConfig
 from integrate import IGNORE, INTEGRATIONS, PAD, Tokenizer, build_sample, format_mc, mc_answer, video_tokens
 from resampler import ResamplerConfig
@@ -79,7 +79,7 @@ class Config:
     integration: str = "timestamp"  # plain | start_end | timestamp | timestamp_start_end
     # training (Apollo: AdamW, clip 1, 3% warm-up, cosine decay)
     batch_size: int = 32
-    lm_steps: int = 250
+    lm_steps: int = 1000
     align_steps: int = 60
     vision_steps: int = 150
     sft_steps: int = 250
@@ -90,6 +90,8 @@ class Config:
     weight_decay: float = 0.05
     warmup: float = 0.03        # share of a stage's steps spent warming up
     grad_clip: float = 1.0
+    drills: int = 20000         # lm stage: short reading drills (data.reading_drills), in batches of their own
+    drill_share: float = 0.75   # share of lm steps that take a batch of drills (they are ~10x cheaper)
     text_share: float = 0.15    # share of text-only samples in sft (Apollo: some text is essential)
     eval_batch_size: int = 64
     log_every: int = 10
@@ -101,7 +103,7 @@ class Config:
 PRESETS = {
     "smoke": dict(n_train=24, n_val=4, n_test=8, max_seconds=6.0, vit_dim=32, vit_layers=1, lm_dim=32,
                   lm_layers=1, tokens_per_frame=2, resampler_layers=1, vocab_size=300, batch_size=8,
-                  lm_steps=3, align_steps=2, vision_steps=2, sft_steps=3, max_clips=2, log_every=1, ckpt_every=2),
+                  lm_steps=3, drills=64, align_steps=2, vision_steps=2, sft_steps=3, max_clips=2, log_every=1, ckpt_every=2),
     "cpu": dict(max_seconds=12.0),
     "gpu": dict(n_train=4000, n_val=200, n_test=400, fps=2.0, max_clips=8, image_size=64, vit_dim=192,
                 vit_layers=6, vit_heads=6, tokens_per_frame=16, resampler_layers=3, lm_dim=512, lm_layers=8,
@@ -237,14 +239,20 @@ def collate(batch):
             "n_options": torch.tensor([b["n_options"] for b in batch])}
 
 
-def batches(n, batch_size, seed, start_step):
-    """Index lists for steps start_step, start_step + 1, ...: a fresh permutation each epoch, so a resumed
-    stage sees exactly the batches the interrupted one would have."""
-    epoch_order = functools.lru_cache(maxsize=2)(lambda e: np.random.default_rng([seed, e]).permutation(n))
-    pos = start_step * batch_size
+def batches(pools, batch_size, seed, start_step, shares):
+    """Index lists for steps start_step, start_step + 1, ...: each step takes its batch from one pool (pool k with
+    probability shares[k], drawn from the step's own seed), walking that pool's fresh permutation each epoch; so
+    a batch holds samples of one kind (short drills are not padded to long conversations), and a resumed stage
+    sees exactly the batches the interrupted one would have."""
+    orders = [functools.lru_cache(maxsize=2)(lambda e, k=k, n=len(p): np.random.default_rng([seed, k, e]).permutation(n))
+              for k, p in enumerate(pools)]
+    pos, step = [0] * len(pools), 0
     while True:
-        yield [int(epoch_order(p // n)[p % n]) for p in range(pos, pos + batch_size)]
-        pos += batch_size
+        k = int(np.random.default_rng([seed, 1 << 20, step]).choice(len(pools), p=shares))
+        if step >= start_step:
+            n = len(pools[k])
+            yield [pools[k][int(orders[k](p // n)[p % n])] for p in range(pos[k], pos[k] + batch_size)]
+        pos[k], step = pos[k] + batch_size, step + 1
 
 
 def mc_item(q, root):
@@ -283,9 +291,12 @@ def stage_items(stage, world, cfg, rng):
     questions, captions = load_jsonl(f"{world}/train.jsonl"), load_jsonl(f"{world}/captions_train.jsonl")
     context = {c["video"]: c["conversations"][1]["value"] for c in captions}
     text_qa = conversation_items(questions, world, rng, context)  # text only: the caption stands for the video
-    if stage == "lm":  # plain text; the loss covers the whole text
+    if stage == "lm":  # plain text: captions (the loss covers the whole text), drills, questions on captions
         texts = [c["conversations"][1]["value"] for c in captions]
-        return [{"turns": [("", t)]} for t in texts] + text_qa
+        drills = [{"kind": "drill", "turns": [(format_mc(q["question"], q["options"]),
+                                                mc_answer(q["options"], q["answer"]))]}
+                  for q in reading_drills(rng, cfg.drills)]
+        return [{"turns": [("", t)]} for t in texts] + text_qa + drills
     if stage in ("align", "vision"):
         return [caption_item(c, world) for c in captions]
     video = conversation_items(questions, world, rng) + [caption_item(c, world) for c in captions]
@@ -340,7 +351,12 @@ def train_stage(model, stage, dataset, cfg, env):
         else:
             print(f"[{stage}] {last_path} exists; starting the stage afresh (pass --resume to continue it)")
     model.train()
-    order = batches(len(dataset), cfg.batch_size, cfg.seed * 1000 + STAGES.index(stage), start)
+    kinds = sorted({it.get("kind", "") for it in dataset.items})  # "drill" (lm stage) or "" (the rest)
+    pools = [[i for i, it in enumerate(dataset.items) if it.get("kind", "") == k] for k in kinds]
+    shares = [cfg.drill_share if k == "drill" else 1.0 for k in kinds]
+    if len(kinds) > 1:
+        shares = [x if k == "drill" else (1 - cfg.drill_share) / (len(kinds) - 1) for k, x in zip(kinds, shares)]
+    order = batches(pools, cfg.batch_size, cfg.seed * 1000 + STAGES.index(stage), start, shares)
     bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True)
     t0, tokens = time.perf_counter(), 0
     for step in bar:

@@ -160,3 +160,12 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
             load_jsonl(str(path))
     with pytest.raises(DataError, match="missing.jsonl: cannot open"):
         load_jsonl(str(tmp_path / "missing.jsonl"))
+
+
+def test_reading_drills_answer_is_the_named_option():
+    drills = data.reading_drills(np.random.default_rng(0), 400)
+    for q in drills:
+        word = q["question"][len("Which option is "):-1]
+        assert q["options"][ord(q["answer"]) - 65] == word and q["options"].count(word) == 1
+    letters = Counter(q["answer"] for q in drills)
+    assert min(letters.values()) > 0.18 * len(drills)

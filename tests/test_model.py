@@ -122,12 +122,12 @@ def test_apollo_learns_a_tiny_batch():
 
 
 def test_answer_mc_lets_the_model_name_its_option_then_reads_its_letter():
-    """A tiny model memorises two answers (" blue:B", " red:D"); answer_mc must read back B and D."""
+    """A tiny model memorises two answers (" blue (B)", " red (D)"); answer_mc must read back B and D."""
     torch.manual_seed(0)
     tok = Tokenizer.train(CORPUS + ["blue red green white"], 300)
     qs = [("What colour?", ["green", "blue", "white", "red"], "B"),
           ("Which colour?", ["blue", "green", "white", "red"], "D")]
-    assert mc_answer(qs[0][1], "B") == " blue:B"
+    assert mc_answer(qs[0][1], "B") == " blue (B)"
     samples = [build_sample(tok, [(format_mc(q, o), mc_answer(o, a))]) for q, o, a in qs]
     S = max(len(i) for i, _ in samples)
     ids = torch.tensor([i + [PAD] * (S - len(i)) for i, _ in samples])

@@ -136,3 +136,13 @@ def test_gpu_preset_model_takes_a_step_on_cpu(tiny_world, tmp_path):
     torch.optim.AdamW(params, lr=1e-3).step()
     assert torch.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, params))
     assert not model.image_encoder.patch_embed.weight.requires_grad  # encoders frozen in sft
+
+
+def test_batches_keep_each_kind_apart_in_the_given_shares():
+    pools = [list(range(0, 10)), list(range(100, 130))]
+    got = list(zip(range(400), train.batches(pools, 4, seed=1, start_step=0, shares=[0.75, 0.25])))
+    kinds = [all(i < 100 for i in b) or (all(i >= 100 for i in b) and -1) for _, b in got]
+    assert all(k in (True, -1) for k in kinds)  # no batch mixes the pools
+    assert 0.65 < kinds.count(True) / 400 < 0.85
+    resumed = train.batches(pools, 4, seed=1, start_step=250, shares=[0.75, 0.25])
+    assert [next(resumed) for _ in range(150)] == [b for _, b in got[250:]]
