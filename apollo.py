@@ -78,17 +78,24 @@ class Apollo(nn.Module):
     def tokens_per_clip(self):
         return self.cfg.resampler.tokens_per_frame * self.cfg.frames_per_clip
 
-    def encode_video(self, frames):
-        """uint8 frames (C, T, H, W, 3) of C clips -> visual tokens (C, tokens_per_clip, D)."""
+    def encode_frames(self, frames):
+        """uint8 frames (C, T, H, W, 3) of C clips -> the image encoder's feature grid (C, T, h, w, Dv)."""
         C, T = frames.shape[:2]
         x = preprocess(frames.flatten(0, 1), self.cfg.encoder.image_size)  # (C*T, 3, S, S)
-        grid = self.image_encoder(x.view(C, T, *x.shape[1:]))  # (C, T, H, W, Dv)
+        return self.image_encoder(x.view(C, T, *x.shape[1:]))  # (C, T, h, w, Dv)
+
+    def encode_video(self, frames=None, grid=None):
+        """frames (C, T, H, W, 3) uint8, or the grid encode_frames made of them (a stage whose encoder is frozen
+        computes it once per video) -> visual tokens (C, tokens_per_clip, D)."""
+        grid = self.encode_frames(frames) if grid is None else grid
         return self.resampler(self.projector(grid))  # (C, L, D)
 
-    def forward(self, ids, frames=None, labels=None, visual=None):
+    def forward(self, ids, frames=None, labels=None, visual=None, grid=None):
         """ids (B, S) with tokens_per_clip <video> ids per clip, in clip order; frames (C, T, H, W, 3) uint8, or
-        visual (C*L, D), the tokens encode_video made of them (decoding reuses them)."""
+        their grid (C, T, h, w, Dv), or visual (C*L, D), the tokens encode_video made (decoding reuses them)."""
         x = self.lm.embed(ids)  # (B, S, D)
+        if visual is None and grid is not None:
+            visual = self.encode_video(grid=grid).flatten(0, 1)  # (C*L, D)
         if visual is None and frames is not None and frames.numel() > 0:
             visual = self.encode_video(frames).flatten(0, 1)  # (C*L, D), in the order the <video> ids appear
         if visual is not None:

@@ -103,7 +103,8 @@ class Config:
 PRESETS = {
     "smoke": dict(n_train=24, n_val=4, n_test=8, max_seconds=6.0, vit_dim=32, vit_layers=1, lm_dim=32,
                   lm_layers=1, tokens_per_frame=2, resampler_layers=1, vocab_size=300, batch_size=8,
-                  lm_steps=3, drills=64, align_steps=2, vision_steps=2, sft_steps=3, max_clips=2, log_every=1, ckpt_every=2),
+                  lm_steps=3, drills=64, align_steps=2, vision_steps=2, sft_steps=3, max_clips=2, log_every=1,
+                  ckpt_every=2),
     "cpu": dict(max_seconds=12.0),
     "gpu": dict(n_train=4000, n_val=200, n_test=400, fps=2.0, max_clips=8, image_size=64, vit_dim=192,
                 vit_layers=6, vit_heads=6, tokens_per_frame=16, resampler_layers=3, lm_dim=512, lm_layers=8,
@@ -195,6 +196,7 @@ class Samples(torch.utils.data.Dataset):
     def __init__(self, items, tok, cfg, tokens_per_clip, cache=None):
         self.items, self.tok, self.cfg, self.tokens_per_clip = items, tok, cfg, tokens_per_clip
         self.frames = {} if cache is None else cache
+        self.grid_of = None  # set by train_stage while the encoder is frozen: (path, frames) -> its feature grid
 
     def clips_of(self, path):
         if path not in self.frames:
@@ -214,15 +216,17 @@ class Samples(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         item = self.items[i]
-        frames, video = None, None
+        frames, video, grid = None, None, None
         if item.get("video"):
             frames, clips = self.clips_of(item["video"])
             video = video_tokens(self.tok, clips, self.tokens_per_clip, self.cfg.integration)
+            if self.grid_of is not None:
+                frames, grid = None, self.grid_of(item["video"], frames)
         if item.get("eval"):  # scoring: the prompt only; the model writes the answer
             ids, labels = build_sample(self.tok, [(item["turns"][0][0], "")], video)[0][:-1], None
         else:
             ids, labels = build_sample(self.tok, item["turns"], video)
-        return {"ids": ids, "labels": labels, "frames": frames, "n_options": item.get("n_options", 0)}
+        return {"ids": ids, "labels": labels, "frames": frames, "grid": grid, "n_options": item.get("n_options", 0)}
 
 
 def collate(batch):
@@ -234,7 +238,9 @@ def collate(batch):
         if b["labels"] is not None:
             labels[r, : len(b["labels"])] = torch.tensor(b["labels"])
     frames = [b["frames"] for b in batch if b["frames"] is not None]
+    grids = [b["grid"] for b in batch if b.get("grid") is not None]
     return {"ids": ids, "labels": labels, "frames": torch.cat(frames) if frames else None,
+            "grid": torch.cat(grids) if grids else None,
             "lengths": torch.tensor([len(b["ids"]) for b in batch]),
             "n_options": torch.tensor([b["n_options"] for b in batch])}
 
@@ -244,8 +250,9 @@ def batches(pools, batch_size, seed, start_step, shares):
     probability shares[k], drawn from the step's own seed), walking that pool's fresh permutation each epoch; so
     a batch holds samples of one kind (short drills are not padded to long conversations), and a resumed stage
     sees exactly the batches the interrupted one would have."""
-    orders = [functools.lru_cache(maxsize=2)(lambda e, k=k, n=len(p): np.random.default_rng([seed, k, e]).permutation(n))
-              for k, p in enumerate(pools)]
+    def epoch_order(k, n):
+        return functools.lru_cache(maxsize=2)(lambda e: np.random.default_rng([seed, k, e]).permutation(n))
+    orders = [epoch_order(k, len(p)) for k, p in enumerate(pools)]
     pos, step = [0] * len(pools), 0
     while True:
         k = int(np.random.default_rng([seed, 1 << 20, step]).choice(len(pools), p=shares))
@@ -351,6 +358,15 @@ def train_stage(model, stage, dataset, cfg, env):
         else:
             print(f"[{stage}] {last_path} exists; starting the stage afresh (pass --resume to continue it)")
     model.train()
+    if not any(p.requires_grad for p in model.image_encoder.parameters()):  # frozen: encode each video once
+        grids = {}
+
+        def grid_of(path, frames):
+            if path not in grids:
+                with torch.no_grad(), env["autocast"]():
+                    grids[path] = model.encode_frames(frames.to(env["device"]))
+            return grids[path]
+        dataset.grid_of = grid_of
     kinds = sorted({it.get("kind", "") for it in dataset.items})  # "drill" (lm stage) or "" (the rest)
     pools = [[i for i, it in enumerate(dataset.items) if it.get("kind", "") == k] for k in kinds]
     shares = [cfg.drill_share if k == "drill" else 1.0 for k in kinds]
@@ -364,7 +380,7 @@ def train_stage(model, stage, dataset, cfg, env):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, base_lr, cfg.warmup)
         with env["autocast"]():
-            _, loss = model(batch["ids"], batch["frames"], batch["labels"])
+            _, loss = model(batch["ids"], batch["frames"], batch["labels"], grid=batch["grid"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
@@ -382,6 +398,7 @@ def train_stage(model, stage, dataset, cfg, env):
             t0, tokens = time.perf_counter(), 0
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
             save_checkpoint(last_path, model, opt, stage, step + 1, cfg)
+    dataset.grid_of = None
     save_checkpoint(os.path.join(cfg.out_dir, f"{stage}.pt"), model, opt, stage, steps, cfg)
     if os.path.exists(last_path):
         os.remove(last_path)
