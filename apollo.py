@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from encoders import EncoderConfig, ImageEncoder, preprocess
+from encoders import EncoderConfig, ImageEncoder, VideoEncoder, fuse_grids, preprocess
 from integrate import ANSWER_SEP, IGNORE, VIDEO
 from layers import Block, RMSNorm, causal_mask, rope_tables
 from resampler import PerceiverResampler, Projector, ResamplerConfig
@@ -36,6 +36,11 @@ class ApolloConfig:
     resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     frames_per_clip: int = 4
+    vision: str = "image"  # image | video | image+video: which encoders see the clip (Apollo: both, fused)
+    tubelet: int = 2       # frames per video-encoder tubelet
+
+
+VISIONS = ["image", "video", "image+video"]
 
 
 class LM(nn.Module):
@@ -68,8 +73,11 @@ class Apollo(nn.Module):
     def __init__(self, cfg: ApolloConfig):
         super().__init__()
         self.cfg = cfg
-        self.image_encoder = ImageEncoder(cfg.encoder)
-        self.projector = Projector(cfg.encoder.dim, cfg.lm.dim)
+        if cfg.vision not in VISIONS:
+            raise ValueError(f"vision must be one of {VISIONS}, got {cfg.vision!r}")
+        self.image_encoder = ImageEncoder(cfg.encoder) if "image" in cfg.vision else None
+        self.video_encoder = VideoEncoder(cfg.encoder, cfg.tubelet) if "video" in cfg.vision else None
+        self.projector = Projector(cfg.encoder.dim * len(self.encoders()), cfg.lm.dim)
         self.resampler = PerceiverResampler(cfg.resampler, cfg.lm.dim, cfg.frames_per_clip)
         self.lm = LM(cfg.lm)
         self.apply(init_weights)
@@ -78,11 +86,16 @@ class Apollo(nn.Module):
     def tokens_per_clip(self):
         return self.cfg.resampler.tokens_per_frame * self.cfg.frames_per_clip
 
+    def encoders(self):
+        return [e for e in (self.image_encoder, self.video_encoder) if e is not None]
+
     def encode_frames(self, frames):
-        """uint8 frames (C, T, H, W, 3) of C clips -> the image encoder's feature grid (C, T, h, w, Dv)."""
+        """uint8 frames (C, T, H, W, 3) of C clips -> the encoders' fused feature grid (C, T, h, w, Dv): with both
+        encoders, the video encoder's (C, T / tubelet, h, w, D) grid is interpolated to the image encoder's."""
         C, T = frames.shape[:2]
         x = preprocess(frames.flatten(0, 1), self.cfg.encoder.image_size)  # (C*T, 3, S, S)
-        return self.image_encoder(x.view(C, T, *x.shape[1:]))  # (C, T, h, w, Dv)
+        x = x.view(C, T, *x.shape[1:])  # (C, T, 3, S, S)
+        return fuse_grids([encoder(x) for encoder in self.encoders()])  # (C, T, h, w, Dv)
 
     def encode_video(self, frames=None, grid=None):
         """frames (C, T, H, W, 3) uint8, or the grid encode_frames made of them (a stage whose encoder is frozen

@@ -401,6 +401,32 @@ def caption(scene):
     return " ".join(parts)
 
 
+def describe_span(scene, t0, t1):
+    """A short caption of what one frame (t0 == t1) or one clip [t0, t1] shows, for contrastive pretraining:
+    each object present (colour, shape, where; in a clip, which way it moves), the camera's pan, the characters
+    on screen. Written from the script like everything else."""
+    size, tm, parts = scene["size"], (t0 + t1) / 2, []
+    for o in scene["objects"]:
+        if o["appear"] > t1:
+            continue
+        path, _ = simulate(o, scene["duration"], size)
+        at = lambda t: path[min(int(round(t * PHYS_HZ)), len(path) - 1)]  # noqa: E731
+        x, y = at(tm)
+        where = ["top", "middle", "bottom"][min(int(3 * y / size), 2)] + " " + \
+            ["left", "centre", "right"][min(int(3 * x / size), 2)]
+        text = f"{color_at(o, tm)} {o['shape']} {where}"
+        if t1 > t0:
+            dx, dy = at(t1) - at(max(t0, o["appear"]))
+            if max(abs(dx), abs(dy)) >= 3:
+                text += " moving " + (("right" if dx > 0 else "left") if abs(dx) >= abs(dy) else
+                                      ("down" if dy > 0 else "up"))
+        parts.append(text)
+    if t1 > t0 and scene["camera"]:
+        parts.append(f"camera pans {camera_direction_at(scene['camera'], min(tm, scene['duration']))}")
+    parts += [f"character {g['char']}" for g in scene["glyphs"] if g["start"] <= t1 and g["end"] >= t0]
+    return ". ".join(parts) + "." if parts else "nothing."
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The world on disk: generate once, reuse after
 

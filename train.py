@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from apollo import Apollo, ApolloConfig, LMConfig, answer_mc
+from apollo import VISIONS, Apollo, ApolloConfig, LMConfig, answer_mc
 from data import CATEGORIES, DataError, WorldConfig, load_jsonl, make_world, reading_drills
 from encoders import EncoderConfig
 from integrate import IGNORE, INTEGRATIONS, PAD, Tokenizer, build_sample, format_mc, mc_answer, video_tokens
@@ -70,6 +70,7 @@ class Config:
     vit_dim: int = 64
     vit_layers: int = 3
     vit_heads: int = 4
+    vision: str = "image"       # image | video | image+video: the encoders (both: grids fused, Apollo §4.2)
     tokens_per_frame: int = 8
     resampler_layers: int = 2
     lm_dim: int = 128
@@ -162,6 +163,10 @@ def check_config(cfg):
         raise ConfigError(f"--integration: {cfg.integration!r} is not one of {INTEGRATIONS}")
     if cfg.sampling == "uniform" and cfg.num_frames % cfg.frames_per_clip:
         raise ConfigError(f"--num_frames={cfg.num_frames} must be a multiple of frames_per_clip={cfg.frames_per_clip}")
+    if cfg.vision not in VISIONS:
+        raise ConfigError(f"--vision: {cfg.vision!r} is not one of {VISIONS}")
+    if "video" in cfg.vision and cfg.frames_per_clip % 2:
+        raise ConfigError(f"--frames_per_clip={cfg.frames_per_clip} must be even for the video encoder (tubelets of 2)")
     if cfg.image_size % cfg.patch_size:
         raise ConfigError(f"--image_size={cfg.image_size} must be a multiple of --patch_size={cfg.patch_size}")
     if cfg.compile not in ("auto", "true", "false") or cfg.dtype not in ("auto", "float32", "bfloat16"):
@@ -172,7 +177,8 @@ def model_config(cfg, vocab_size):
     return ApolloConfig(
         encoder=EncoderConfig(cfg.image_size, cfg.patch_size, cfg.vit_dim, cfg.vit_layers, cfg.vit_heads),
         resampler=ResamplerConfig(cfg.tokens_per_frame, cfg.resampler_layers, cfg.lm_heads),
-        lm=LMConfig(vocab_size, cfg.lm_dim, cfg.lm_layers, cfg.lm_heads), frames_per_clip=cfg.frames_per_clip)
+        lm=LMConfig(vocab_size, cfg.lm_dim, cfg.lm_layers, cfg.lm_heads), frames_per_clip=cfg.frames_per_clip,
+        vision=cfg.vision)
 
 
 def pick_device(name):
@@ -314,7 +320,7 @@ def stage_items(stage, world, cfg, rng):
 def trainable(model, stage):
     """Which parts learn in each stage (the rest is frozen)."""
     parts = {"lm": [model.lm], "align": [model.projector, model.resampler],
-             "vision": [model.image_encoder, model.projector, model.resampler],
+             "vision": [*model.encoders(), model.projector, model.resampler],
              "sft": [model.projector, model.resampler, model.lm]}[stage]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -358,7 +364,7 @@ def train_stage(model, stage, dataset, cfg, env):
         else:
             print(f"[{stage}] {last_path} exists; starting the stage afresh (pass --resume to continue it)")
     model.train()
-    if not any(p.requires_grad for p in model.image_encoder.parameters()):  # frozen: encode each video once
+    if not any(p.requires_grad for e in model.encoders() for p in e.parameters()):  # frozen: encode videos once
         grids = {}
 
         def grid_of(path, frames):
@@ -440,7 +446,7 @@ def save_checkpoint(path, model, opt, stage, step, cfg):
     os.replace(tmp, path)
 
 
-MODEL_KEYS = ["image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads", "tokens_per_frame",
+MODEL_KEYS = ["vision", "image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads", "tokens_per_frame",
               "resampler_layers", "lm_dim", "lm_layers", "lm_heads", "vocab_size", "frames_per_clip"]
 
 
@@ -497,7 +503,7 @@ def main(argv):
     print(f"device {env['device']}, bf16 {env['bf16']}, compile {env['compile']}, preset {cfg.preset}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, world {world}")
     if env["compile"]:
-        for part in (model.image_encoder, model.resampler, model.lm):
+        for part in (*model.encoders(), model.resampler, model.lm):
             part.compile()
     rng, cache = np.random.default_rng(cfg.seed), {}
     for stage in STAGES if cfg.stage == "all" else [cfg.stage]:

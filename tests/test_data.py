@@ -169,3 +169,16 @@ def test_reading_drills_answer_is_the_named_option():
         assert q["options"][ord(q["answer"]) - 65] == word and q["options"].count(word) == 1
     letters = Counter(q["answer"] for q in drills)
     assert min(letters.values()) > 0.18 * len(drills)
+
+
+def test_describe_span_says_what_the_script_shows():
+    scene = {"size": 64, "duration": 4.0, "camera": [{"direction": "up", "start": 0.0, "end": 4.0, "speed": 8.0}],
+             "glyphs": [{"char": "7", "start": 1.0, "end": 2.0, "x": 2, "y": 2}],
+             "objects": [{"shape": "circle", "color": "blue", "radius": 5, "appear": 0.0, "x0": 10.0, "y0": 10.0,
+                          "vx": 10.0, "vy": 0.0, "stop": None, "color_change": None},
+                         {"shape": "square", "color": "red", "radius": 5, "appear": 3.0, "x0": 50.0, "y0": 55.0,
+                          "vx": 0.0, "vy": 0.0, "stop": None, "color_change": None}]}
+    assert data.describe_span(scene, 0.5, 0.5) == "blue circle top left."
+    assert data.describe_span(scene, 0.0, 2.0) == "blue circle top left moving right. camera pans up. character 7."
+    assert data.describe_span(scene, 3.0, 3.5) == ("blue circle top centre moving right. red square bottom right. "
+                                                 "camera pans up.")

@@ -144,3 +144,22 @@ def test_answer_mc_lets_the_model_name_its_option_then_reads_its_letter():
     batch = torch.tensor([p + [PAD] * (P - len(p)) for p in prompts])
     choice = answer_mc(model.eval(), batch, torch.tensor([len(p) for p in prompts]), None, torch.tensor([4, 4]))
     assert choice.tolist() == [1, 3]
+
+
+def test_each_vision_choice_feeds_the_lm_and_learns():
+    """image, video, image+video: the fused grid reaches the LM, and the encoders receive gradient."""
+    for vision in ("image", "video", "image+video"):
+        torch.manual_seed(0)
+        model = Apollo(ApolloConfig(EncoderConfig(16, 4, 8, 1, 2), ResamplerConfig(2, 1, 2), LMConfig(300, 16, 1, 2, 128),
+                                    frames_per_clip=2, vision=vision))
+        frames = torch.randint(0, 256, (3, 2, 16, 16, 3), dtype=torch.uint8)  # 3 clips of 2 frames
+        grid = model.encode_frames(frames)
+        steps = 1 if vision == "video" else 2  # tubelets of 2 frames; fused, interpolated to the image grid's 2
+        assert grid.shape == (3, steps, 4, 4, 8 * len(vision.split("+")))
+        ids = torch.tensor([[BOS] + [VIDEO] * 4 * 3 + [65, 66]])
+        labels = torch.tensor([[IGNORE] * 13 + [65, 66]])
+        _, loss = model(ids, frames, labels)
+        loss.backward()
+        for encoder in model.encoders():
+            assert encoder.patch_embed.weight.grad.abs().sum() > 0, vision
+    assert Apollo(ApolloConfig(vision="image+video")).video_encoder is not None
