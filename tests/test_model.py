@@ -150,8 +150,8 @@ def test_each_vision_choice_feeds_the_lm_and_learns():
     """image, video, image+video: the fused grid reaches the LM, and the encoders receive gradient."""
     for vision in ("image", "video", "image+video"):
         torch.manual_seed(0)
-        model = Apollo(ApolloConfig(EncoderConfig(16, 4, 8, 1, 2), ResamplerConfig(2, 1, 2), LMConfig(300, 16, 1, 2, 128),
-                                    frames_per_clip=2, vision=vision))
+        model = Apollo(ApolloConfig(EncoderConfig(16, 4, 8, 1, 2), ResamplerConfig(2, 1, 2),
+                                    LMConfig(300, 16, 1, 2, 128), frames_per_clip=2, vision=vision))
         frames = torch.randint(0, 256, (3, 2, 16, 16, 3), dtype=torch.uint8)  # 3 clips of 2 frames
         grid = model.encode_frames(frames)
         steps = 1 if vision == "video" else 2  # tubelets of 2 frames; fused, interpolated to the image grid's 2
