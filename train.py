@@ -93,6 +93,7 @@ class Config:
     grad_clip: float = 1.0
     drills: int = 20000         # lm stage: short reading drills (data.reading_drills), in batches of their own
     drill_share: float = 0.75   # share of lm steps that take a batch of drills (they are ~10x cheaper)
+    sft_caption_share: float = 0.3  # share of the training captions that sft keeps beside the questions
     text_share: float = 0.15    # share of text-only samples in sft (Apollo: some text is essential)
     eval_batch_size: int = 64
     log_every: int = 10
@@ -120,6 +121,10 @@ PRESETS = {
 
 class ConfigError(ValueError):
     pass
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN or inf loss): the message names the stage, the step and what was kept."""
 
 
 def parse_value(name, text, default):
@@ -312,7 +317,8 @@ def stage_items(stage, world, cfg, rng):
         return [{"turns": [("", t)]} for t in texts] + text_qa + drills
     if stage in ("align", "vision"):
         return [caption_item(c, world) for c in captions]
-    video = conversation_items(questions, world, rng) + [caption_item(c, world) for c in captions]
+    kept = rng.permutation(len(captions))[: int(round(cfg.sft_caption_share * len(captions)))]
+    video = conversation_items(questions, world, rng) + [caption_item(captions[i], world) for i in kept]
     n_text = int(len(video) * cfg.text_share / (1 - cfg.text_share))
     return video + [text_qa[i] for i in rng.choice(len(text_qa), n_text, replace=n_text > len(text_qa))]
 
@@ -387,6 +393,10 @@ def train_stage(model, stage, dataset, cfg, env):
             g["lr"] = lr_at(step, steps, base_lr, cfg.warmup)
         with env["autocast"]():
             _, loss = model(batch["ids"], batch["frames"], batch["labels"], grid=batch["grid"])
+        if not torch.isfinite(loss):  # stop before the bad step touches the weights or a checkpoint
+            kept = f"{last_path} (step {step // cfg.ckpt_every * cfg.ckpt_every})" if os.path.exists(last_path) \
+                else "no checkpoint of this stage yet"
+            raise TrainingError(f"[{stage}] step {step + 1}: the loss is {loss.item()}; last good checkpoint: {kept}")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
@@ -532,5 +542,5 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ConfigError, DataError, VideoError) as e:
+    except (ConfigError, DataError, VideoError, TrainingError) as e:
         sys.exit(f"error: {e}")

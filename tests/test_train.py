@@ -146,3 +146,23 @@ def test_batches_keep_each_kind_apart_in_the_given_shares():
     assert 0.65 < kinds.count(True) / 400 < 0.85
     resumed = train.batches(pools, 4, seed=1, start_step=250, shares=[0.75, 0.25])
     assert [next(resumed) for _ in range(150)] == [b for _, b in got[250:]]
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_world, tmp_path):
+    class Poisoned(train.Apollo):
+        calls = 0
+
+        def forward(self, *args, **kwargs):
+            logits, loss = super().forward(*args, **kwargs)
+            Poisoned.calls += 1
+            return logits, loss * float("nan") if Poisoned.calls == 5 else loss
+
+    world, cfg, tok, env = small_setup(tiny_world, tmp_path, "--sft_steps=8", "--ckpt_every=2")
+    torch.manual_seed(0)
+    model = Poisoned(train.model_config(cfg, tok.vocab_size))
+    data = Samples(train.stage_items("sft", world, cfg, np.random.default_rng(0)), tok, cfg, model.tokens_per_clip)
+    with pytest.raises(train.TrainingError, match=r"\[sft\] step 5: the loss is nan; last good checkpoint: .*step 4"):
+        train.train_stage(model, "sft", data, cfg, env)
+    kept = torch.load(tmp_path / "sft_last.pt", weights_only=True)
+    assert kept["step"] == 4 and all(torch.isfinite(v).all() for v in kept["model"].values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad step changed nothing
