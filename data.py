@@ -495,20 +495,22 @@ def load_jsonl(path):
     """Records of a JSONL file, each checked; a bad line raises DataError naming the file and the line."""
     rows = []
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")  # bytes: a line that is not UTF-8 is reported with its number
     except OSError as e:
         raise DataError(f"{path}: cannot open ({e.strerror})") from None
     with f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}, line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{where}: not UTF-8 text") from None
             if not line.strip():
                 continue
-            where = f"{path}, line {lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            except UnicodeDecodeError:
-                raise DataError(f"{where}: not UTF-8 text") from None
             check_record(row, where)
             rows.append(row)
     return rows

@@ -82,7 +82,7 @@ class Config:
     batch_size: int = 32
     lm_steps: int = 1000
     align_steps: int = 60
-    vision_steps: int = 150
+    vision_steps: int = 120
     sft_steps: int = 250
     lm_lr: float = 3e-3
     align_lr: float = 2e-3
@@ -92,7 +92,7 @@ class Config:
     warmup: float = 0.03        # share of a stage's steps spent warming up
     grad_clip: float = 1.0
     drills: int = 20000         # lm stage: short reading drills (data.reading_drills), in batches of their own
-    drill_share: float = 0.75   # share of lm steps that take a batch of drills (they are ~10x cheaper)
+    drill_share: float = 0.8    # share of lm steps that take a batch of drills (they are ~10x cheaper)
     sft_caption_share: float = 0.3  # share of the training captions that sft keeps beside the questions
     text_share: float = 0.15    # share of text-only samples in sft (Apollo: some text is essential)
     eval_batch_size: int = 64
