@@ -236,3 +236,50 @@ class MaskedVideo(nn.Module):
         target = self.targets(x)
         idx = hide[..., None].expand(-1, -1, pred.size(-1))
         return F.mse_loss(pred.gather(1, idx), target.gather(1, idx))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage `encoders`: the towers together
+
+
+class Pretraining(nn.Module):
+    """Each vision encoder pretrained before it meets the LM, as SigLIP and InternVideo2 were: the image encoder
+    on (frame, caption) pairs, the video encoder on (clip, caption) pairs, both against one small text tower
+    (loss: "siglip" or "clip"); or the video encoder alone by masked modelling (video_objective="masked")."""
+
+    def __init__(self, image_encoder, video_encoder, vocab_size, pad_id, dim=64, n_layer=2, loss="siglip",
+                 video_objective="contrastive"):
+        super().__init__()
+        if video_objective not in ("contrastive", "masked"):
+            raise ValueError(f"video_objective must be contrastive or masked, got {video_objective!r}")
+        self.text = TextTower(vocab_size, dim, n_layer, 4, pad_id)
+        self.image = Contrastive(image_encoder, self.text, image_encoder.cfg.dim, dim, dim, loss) \
+            if image_encoder is not None else None
+        self.video = None
+        if video_encoder is not None:
+            self.video = Contrastive(video_encoder, self.text, video_encoder.cfg.dim, dim, dim, loss) \
+                if video_objective == "contrastive" else MaskedVideo(video_encoder)
+
+    def forward(self, clips, clip_ids, frame_ids):
+        """clips (B, T, 3, S, S) preprocessed; clip_ids (B, S1) captions of the clips; frame_ids (B, S2) captions
+        of their first frames -> the summed loss of the towers."""
+        loss = 0.0
+        if self.image is not None:
+            loss = loss + self.image(clips[:, :1], frame_ids)
+        if isinstance(self.video, Contrastive):
+            loss = loss + self.video(clips, clip_ids)
+        elif self.video is not None:
+            loss = loss + self.video(clips)
+        return loss
+
+    @torch.no_grad()
+    def retrieval(self, clips, clip_ids, frame_ids, ks=(1, 5)):
+        """R@k of caption -> visual and visual -> caption, per contrastive tower, over the given pairs."""
+        out = {}
+        pairs = (("image", self.image, frame_ids, clips[:, :1]), ("video", self.video, clip_ids, clips))
+        for name, tower, ids, x in pairs:
+            if isinstance(tower, Contrastive):
+                v, t = tower.embed(x, ids)
+                sim = v @ t.t()  # (n visual, n captions)
+                out[name] = {"caption_to_visual": recall_at(sim.t(), ks), "visual_to_caption": recall_at(sim, ks)}
+        return out

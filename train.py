@@ -9,7 +9,9 @@ Apollo paper §5 and Appendix C (the training stages); DESIGN.md (the contracts)
     python train.py --help                   # every field, its default and what it does
 
 Stages, in order (a stage whose checkpoint is in out_dir is reused, not re-run):
-    lm      the decoder LM learns the language: captions, questions and answers as plain text
+    encoders  (when --encoders_steps > 0) the vision encoders against a text tower on frame- and clip-caption
+            pairs (SigLIP or CLIP loss; or masked video for the video encoder); val retrieval -> retrieval.json
+    lm      the decoder LM learns the language: captions, questions and answers as plain text, reading drills
     align   connector (projector + Perceiver) only; encoders and LM frozen; video captions   (Apollo stage 1)
     vision  encoders + connector; LM frozen; video captions                                 (Apollo stage 2)
     sft     connector + LM; encoders frozen; multiple choice + captions + text-only mixed     (Apollo stage 3)
@@ -33,8 +35,8 @@ import torch
 from tqdm import tqdm
 
 from apollo import VISIONS, Apollo, ApolloConfig, LMConfig, answer_mc
-from data import CATEGORIES, DataError, WorldConfig, load_jsonl, make_world, reading_drills
-from encoders import EncoderConfig
+from data import CATEGORIES, DataError, WorldConfig, describe_span, load_jsonl, make_world, reading_drills
+from encoders import EncoderConfig, Pretraining, preprocess
 from integrate import IGNORE, INTEGRATIONS, PAD, Tokenizer, build_sample, format_mc, mc_answer, video_tokens
 from resampler import ResamplerConfig
 from sampling import VideoError, sample_fps, sample_uniform
@@ -80,6 +82,10 @@ class Config:
     integration: str = "timestamp"  # plain | start_end | timestamp | timestamp_start_end
     # training (Apollo: AdamW, clip 1, 3% warm-up, cosine decay)
     batch_size: int = 32
+    encoders_steps: int = 0     # stage encoders (contrastive pretraining); 0 skips it (not yet measured on by default)
+    encoders_lr: float = 1e-3
+    contrastive_loss: str = "siglip"  # siglip | clip
+    video_objective: str = "contrastive"  # contrastive | masked (VideoMAE-style, the self-supervised alternative)
     lm_steps: int = 1000
     align_steps: int = 60
     vision_steps: int = 120
@@ -87,7 +93,7 @@ class Config:
     lm_lr: float = 3e-3
     align_lr: float = 2e-3
     vision_lr: float = 1e-3
-    sft_lr: float = 1e-3
+    sft_lr: float = 2e-3
     weight_decay: float = 0.05
     warmup: float = 0.03        # share of a stage's steps spent warming up
     grad_clip: float = 1.0
@@ -160,14 +166,16 @@ def config_from_args(argv):
 
 
 def check_config(cfg):
-    if cfg.stage not in ["all"] + STAGES:
-        raise ConfigError(f"--stage: {cfg.stage!r} is not one of {['all'] + STAGES}")
+    if cfg.stage not in ["all", "encoders"] + STAGES:
+        raise ConfigError(f"--stage: {cfg.stage!r} is not one of {['all', 'encoders'] + STAGES}")
     if cfg.sampling not in ("fps", "uniform"):
         raise ConfigError(f"--sampling: {cfg.sampling!r} is not fps or uniform")
     if cfg.integration not in INTEGRATIONS:
         raise ConfigError(f"--integration: {cfg.integration!r} is not one of {INTEGRATIONS}")
     if cfg.sampling == "uniform" and cfg.num_frames % cfg.frames_per_clip:
         raise ConfigError(f"--num_frames={cfg.num_frames} must be a multiple of frames_per_clip={cfg.frames_per_clip}")
+    if cfg.contrastive_loss not in ("siglip", "clip") or cfg.video_objective not in ("contrastive", "masked"):
+        raise ConfigError("--contrastive_loss must be siglip|clip and --video_objective contrastive|masked")
     if cfg.vision not in VISIONS:
         raise ConfigError(f"--vision: {cfg.vision!r} is not one of {VISIONS}")
     if "video" in cfg.vision and cfg.frames_per_clip % 2:
@@ -227,6 +235,12 @@ class Samples(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         item = self.items[i]
+        if "scene" in item:  # stage encoders: one clip, its caption, and its first frame's caption
+            frames, clips = self.clips_of(item["video"])
+            k = item["clip"] % len(clips)
+            (t0, t1), scene = clips[k], item["scene"]
+            return {"pixels": frames[k], "clip_ids": self.tok.encode(describe_span(scene, t0, t1)),
+                    "frame_ids": self.tok.encode(describe_span(scene, t0, t0))}
         frames, video, grid = None, None, None
         if item.get("video"):
             frames, clips = self.clips_of(item["video"])
@@ -240,7 +254,17 @@ class Samples(torch.utils.data.Dataset):
         return {"ids": ids, "labels": labels, "frames": frames, "grid": grid, "n_options": item.get("n_options", 0)}
 
 
+def pad(seqs):
+    out = torch.full((len(seqs), max(map(len, seqs))), PAD, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        out[r, : len(s)] = torch.tensor(s)
+    return out
+
+
 def collate(batch):
+    if "pixels" in batch[0]:
+        return {"pixels": torch.stack([b["pixels"] for b in batch]), "clip_ids": pad([b["clip_ids"] for b in batch]),
+                "frame_ids": pad([b["frame_ids"] for b in batch])}
     S = max(len(b["ids"]) for b in batch)
     ids = torch.full((len(batch), S), PAD, dtype=torch.long)
     labels = torch.full((len(batch), S), IGNORE, dtype=torch.long)
@@ -325,6 +349,8 @@ def stage_items(stage, world, cfg, rng):
 
 def trainable(model, stage):
     """Which parts learn in each stage (the rest is frozen)."""
+    if stage == "encoders":  # model is the Pretraining module: everything in it learns
+        return [p.requires_grad_(True) for p in model.parameters()]
     parts = {"lm": [model.lm], "align": [model.projector, model.resampler],
              "vision": [*model.encoders(), model.projector, model.resampler],
              "sft": [model.projector, model.resampler, model.lm]}[stage]
@@ -370,7 +396,8 @@ def train_stage(model, stage, dataset, cfg, env):
         else:
             print(f"[{stage}] {last_path} exists; starting the stage afresh (pass --resume to continue it)")
     model.train()
-    if not any(p.requires_grad for e in model.encoders() for p in e.parameters()):  # frozen: encode videos once
+    if stage != "encoders" and not any(p.requires_grad for e in model.encoders() for p in e.parameters()):
+        # the encoders are frozen: encode each video once
         grids = {}
 
         def grid_of(path, frames):
@@ -384,7 +411,8 @@ def train_stage(model, stage, dataset, cfg, env):
     shares = [cfg.drill_share if k == "drill" else 1.0 for k in kinds]
     if len(kinds) > 1:
         shares = [x if k == "drill" else (1 - cfg.drill_share) / (len(kinds) - 1) for k, x in zip(kinds, shares)]
-    order = batches(pools, cfg.batch_size, cfg.seed * 1000 + STAGES.index(stage), start, shares)
+    seed = cfg.seed * 1000 + (STAGES.index(stage) if stage in STAGES else len(STAGES))
+    order = batches(pools, cfg.batch_size, seed, start, shares)
     bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True)
     t0, tokens = time.perf_counter(), 0
     for step in bar:
@@ -392,7 +420,12 @@ def train_stage(model, stage, dataset, cfg, env):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, base_lr, cfg.warmup)
         with env["autocast"]():
-            _, loss = model(batch["ids"], batch["frames"], batch["labels"], grid=batch["grid"])
+            if stage == "encoders":
+                pixels = batch["pixels"]  # (B, T, H, W, 3) uint8 clips
+                x = preprocess(pixels.flatten(0, 1), cfg.image_size).view(*pixels.shape[:2], 3, cfg.image_size, -1)
+                loss = model(x, batch["clip_ids"], batch["frame_ids"])
+            else:
+                _, loss = model(batch["ids"], batch["frames"], batch["labels"], grid=batch["grid"])
         if not torch.isfinite(loss):  # stop before the bad step touches the weights or a checkpoint
             kept = f"{last_path} (step {step // cfg.ckpt_every * cfg.ckpt_every})" if os.path.exists(last_path) \
                 else "no checkpoint of this stage yet"
@@ -401,7 +434,7 @@ def train_stage(model, stage, dataset, cfg, env):
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += batch["ids"].numel()
+        tokens += batch["ids"].numel() if "ids" in batch else batch["clip_ids"].numel()
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             if env["device"].type == "cuda":
                 torch.cuda.synchronize()
@@ -418,6 +451,38 @@ def train_stage(model, stage, dataset, cfg, env):
     save_checkpoint(os.path.join(cfg.out_dir, f"{stage}.pt"), model, opt, stage, steps, cfg)
     if os.path.exists(last_path):
         os.remove(last_path)
+
+
+def pretrain_encoders(model, world, tok, cfg, env, cache):
+    """Stage encoders: the vision encoders against a text tower (or masked video) on clip- and frame-caption
+    pairs from the training videos; then caption <-> clip retrieval on the val split, saved as retrieval.json."""
+    module = Pretraining(model.image_encoder, model.video_encoder, tok.vocab_size, PAD, loss=cfg.contrastive_loss,
+                         video_objective=cfg.video_objective).to(env["device"])
+    done = os.path.join(cfg.out_dir, "encoders.pt")
+    if os.path.exists(done) and cfg.stage == "all":
+        module.load_state_dict(load_checkpoint(done, cfg)["model"])
+        print(f"[encoders] reusing {done}")
+        return
+    with open(os.path.join(world, "scenes.jsonl")) as f:
+        scenes = {s["name"]: s for s in map(json.loads, f)}
+
+    def pairs(split, clips_per_video):
+        names = [c["video"] for c in load_jsonl(f"{world}/captions_{split}.jsonl")]
+        return [{"video": os.path.join(world, v), "clip": k, "scene": scenes[os.path.basename(v)[:-4]]}
+                for v in names for k in range(clips_per_video)]
+    train_stage(module, "encoders", Samples(pairs("train", cfg.max_clips), tok, cfg, 0, cache), cfg, env)
+    val = Samples(pairs("val", 1), tok, cfg, 0, cache)
+    batch = to_device(collate([val[i] for i in range(len(val))]), env["device"])
+    pixels = batch["pixels"]
+    x = preprocess(pixels.flatten(0, 1), cfg.image_size).view(*pixels.shape[:2], 3, cfg.image_size, -1)
+    module.eval()
+    result = module.retrieval(x, batch["clip_ids"], batch["frame_ids"])
+    module.train()
+    result["n"], result["chance_r1"] = len(val), round(1 / len(val), 4)
+    with open(os.path.join(cfg.out_dir, "retrieval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"[encoders] val retrieval (n={len(val)}, chance R@1 {1 / len(val):.3f}): {json.dumps(result)}")
+    return result
 
 
 @torch.no_grad()
@@ -516,7 +581,13 @@ def main(argv):
         for part in (*model.encoders(), model.resampler, model.lm):
             part.compile()
     rng, cache = np.random.default_rng(cfg.seed), {}
-    for stage in STAGES if cfg.stage == "all" else [cfg.stage]:
+    stages = (["encoders"] if cfg.encoders_steps > 0 else []) + STAGES if cfg.stage == "all" else [cfg.stage]
+    for stage in stages:
+        if stage == "encoders":
+            retrieval = pretrain_encoders(model, world, tok, cfg, env, cache)
+            if cfg.stage == "encoders":
+                return retrieval
+            continue
         done = os.path.join(cfg.out_dir, f"{stage}.pt")
         if os.path.exists(done) and cfg.stage == "all":
             model.load_state_dict(load_checkpoint(done, cfg)["model"])

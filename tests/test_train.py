@@ -3,6 +3,7 @@
     pytest tests/test_train.py
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -166,3 +167,30 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     kept = torch.load(tmp_path / "sft_last.pt", weights_only=True)
     assert kept["step"] == 4 and all(torch.isfinite(v).all() for v in kept["model"].values())
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad step changed nothing
+
+
+def test_encoders_stage_pretrains_both_towers_and_reports_retrieval(tmp_path):
+    """--stage=encoders on the smoke world, image+video, SigLIP then masked video with CLIP for the image tower:
+    the loss is finite, the video encoder's weights change, retrieval.json holds R@1 and R@5 both ways."""
+    for objective, loss in (("contrastive", "siglip"), ("masked", "clip")):
+        out = tmp_path / objective
+        cfg = config_from_args(["--preset=smoke", f"--out_dir={out}", f"--data_dir={tmp_path / 'data'}",
+                                "--stage=encoders", "--encoders_steps=6", "--vision=image+video",
+                                f"--video_objective={objective}", f"--contrastive_loss={loss}"])
+        torch.manual_seed(0)
+        before = train.Apollo(train.model_config(cfg, 300)).video_encoder.patch_embed.weight.clone()
+        train.main([f"--{k}={v}" for k, v in [("preset", "smoke"), ("out_dir", out), ("data_dir", tmp_path / "data"),
+                                               ("stage", "encoders"), ("encoders_steps", 6), ("vision", "image+video"),
+                                               ("video_objective", objective), ("contrastive_loss", loss)]])
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["stage"] for r in rows] == ["encoders"] * 6 and all(math.isfinite(r["loss"]) for r in rows)
+        saved = torch.load(out / "encoders.pt", weights_only=True)["model"]
+        video_key = f"video.{'vision' if objective == 'contrastive' else 'encoder'}.patch_embed.weight"
+        assert not torch.equal(saved[video_key], before)
+        result = json.loads((out / "retrieval.json").read_text())
+        towers = ["image", "video"] if objective == "contrastive" else ["image"]
+        assert sorted(k for k in result if k in ("image", "video")) == towers
+        for tower in towers:
+            for way in ("caption_to_visual", "visual_to_caption"):
+                r = result[tower][way]
+                assert 0 <= r["1"] <= r["5"] <= 1
