@@ -252,6 +252,7 @@ class Pretraining(nn.Module):
         super().__init__()
         if video_objective not in ("contrastive", "masked"):
             raise ValueError(f"video_objective must be contrastive or masked, got {video_objective!r}")
+        self.image_size = (image_encoder or video_encoder).cfg.image_size
         self.text = TextTower(vocab_size, dim, n_layer, 4, pad_id)
         self.image = Contrastive(image_encoder, self.text, image_encoder.cfg.dim, dim, dim, loss) \
             if image_encoder is not None else None
@@ -260,9 +261,15 @@ class Pretraining(nn.Module):
             self.video = Contrastive(video_encoder, self.text, video_encoder.cfg.dim, dim, dim, loss) \
                 if video_objective == "contrastive" else MaskedVideo(video_encoder)
 
+    def pixels(self, clips):
+        """uint8 clips (B, T, H, W, 3) -> (B, T, 3, S, S), as the encoders take them."""
+        size = self.image_size
+        return preprocess(clips.flatten(0, 1), size).view(*clips.shape[:2], 3, size, size)
+
     def forward(self, clips, clip_ids, frame_ids):
-        """clips (B, T, 3, S, S) preprocessed; clip_ids (B, S1) captions of the clips; frame_ids (B, S2) captions
-        of their first frames -> the summed loss of the towers."""
+        """clips (B, T, H, W, 3) uint8; clip_ids (B, S1) captions of the clips; frame_ids (B, S2) captions of
+        their first frames -> the summed loss of the towers."""
+        clips = self.pixels(clips)
         loss = 0.0
         if self.image is not None:
             loss = loss + self.image(clips[:, :1], frame_ids)
@@ -275,7 +282,7 @@ class Pretraining(nn.Module):
     @torch.no_grad()
     def retrieval(self, clips, clip_ids, frame_ids, ks=(1, 5)):
         """R@k of caption -> visual and visual -> caption, per contrastive tower, over the given pairs."""
-        out = {}
+        out, clips = {}, self.pixels(clips)
         pairs = (("image", self.image, frame_ids, clips[:, :1]), ("video", self.video, clip_ids, clips))
         for name, tower, ids, x in pairs:
             if isinstance(tower, Contrastive):

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from apollo import VISIONS, Apollo, ApolloConfig, LMConfig, answer_mc
 from data import CATEGORIES, DataError, WorldConfig, describe_span, load_jsonl, make_world, reading_drills
-from encoders import EncoderConfig, Pretraining, preprocess
+from encoders import EncoderConfig, Pretraining
 from integrate import IGNORE, INTEGRATIONS, PAD, Tokenizer, build_sample, format_mc, mc_answer, video_tokens
 from resampler import ResamplerConfig
 from sampling import VideoError, sample_fps, sample_uniform
@@ -254,8 +254,9 @@ class Samples(torch.utils.data.Dataset):
         return {"ids": ids, "labels": labels, "frames": frames, "grid": grid, "n_options": item.get("n_options", 0)}
 
 
-def pad(seqs):
-    out = torch.full((len(seqs), max(map(len, seqs))), PAD, dtype=torch.long)
+def pad(seqs, fill=PAD):
+    """Lists of ids -> (B, longest) long tensor, right-padded with fill."""
+    out = torch.full((len(seqs), max(map(len, seqs))), fill, dtype=torch.long)
     for r, s in enumerate(seqs):
         out[r, : len(s)] = torch.tensor(s)
     return out
@@ -265,13 +266,8 @@ def collate(batch):
     if "pixels" in batch[0]:
         return {"pixels": torch.stack([b["pixels"] for b in batch]), "clip_ids": pad([b["clip_ids"] for b in batch]),
                 "frame_ids": pad([b["frame_ids"] for b in batch])}
-    S = max(len(b["ids"]) for b in batch)
-    ids = torch.full((len(batch), S), PAD, dtype=torch.long)
-    labels = torch.full((len(batch), S), IGNORE, dtype=torch.long)
-    for r, b in enumerate(batch):
-        ids[r, : len(b["ids"])] = torch.tensor(b["ids"])
-        if b["labels"] is not None:
-            labels[r, : len(b["labels"])] = torch.tensor(b["labels"])
+    ids = pad([b["ids"] for b in batch])
+    labels = pad([b["labels"] if b["labels"] is not None else [IGNORE] * len(b["ids"]) for b in batch], IGNORE)
     frames = [b["frames"] for b in batch if b["frames"] is not None]
     grids = [b["grid"] for b in batch if b.get("grid") is not None]
     return {"ids": ids, "labels": labels, "frames": torch.cat(frames) if frames else None,
@@ -408,9 +404,7 @@ def train_stage(model, stage, dataset, cfg, env):
         dataset.grid_of = grid_of
     kinds = sorted({it.get("kind", "") for it in dataset.items})  # "drill" (lm stage) or "" (the rest)
     pools = [[i for i, it in enumerate(dataset.items) if it.get("kind", "") == k] for k in kinds]
-    shares = [cfg.drill_share if k == "drill" else 1.0 for k in kinds]
-    if len(kinds) > 1:
-        shares = [x if k == "drill" else (1 - cfg.drill_share) / (len(kinds) - 1) for k, x in zip(kinds, shares)]
+    shares = [cfg.drill_share if k == "drill" else 1 - cfg.drill_share for k in kinds] if len(kinds) > 1 else [1.0]
     seed = cfg.seed * 1000 + (STAGES.index(stage) if stage in STAGES else len(STAGES))
     order = batches(pools, cfg.batch_size, seed, start, shares)
     bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True)
@@ -421,9 +415,7 @@ def train_stage(model, stage, dataset, cfg, env):
             g["lr"] = lr_at(step, steps, base_lr, cfg.warmup)
         with env["autocast"]():
             if stage == "encoders":
-                pixels = batch["pixels"]  # (B, T, H, W, 3) uint8 clips
-                x = preprocess(pixels.flatten(0, 1), cfg.image_size).view(*pixels.shape[:2], 3, cfg.image_size, -1)
-                loss = model(x, batch["clip_ids"], batch["frame_ids"])
+                loss = model(batch["pixels"], batch["clip_ids"], batch["frame_ids"])
             else:
                 _, loss = model(batch["ids"], batch["frames"], batch["labels"], grid=batch["grid"])
         if not torch.isfinite(loss):  # stop before the bad step touches the weights or a checkpoint
@@ -473,10 +465,8 @@ def pretrain_encoders(model, world, tok, cfg, env, cache):
     train_stage(module, "encoders", Samples(pairs("train", cfg.max_clips), tok, cfg, 0, cache), cfg, env)
     val = Samples(pairs("val", 1), tok, cfg, 0, cache)
     batch = to_device(collate([val[i] for i in range(len(val))]), env["device"])
-    pixels = batch["pixels"]
-    x = preprocess(pixels.flatten(0, 1), cfg.image_size).view(*pixels.shape[:2], 3, cfg.image_size, -1)
     module.eval()
-    result = module.retrieval(x, batch["clip_ids"], batch["frame_ids"])
+    result = module.retrieval(batch["pixels"], batch["clip_ids"], batch["frame_ids"])
     module.train()
     result["n"], result["chance_r1"] = len(val), round(1 / len(val), 4)
     with open(os.path.join(cfg.out_dir, "retrieval.json"), "w") as f:

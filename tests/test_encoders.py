@@ -14,6 +14,15 @@ from encoders import (Contrastive, EncoderConfig, ImageEncoder, MaskedVideo, Tex
 CFG = EncoderConfig(image_size=16, patch_size=4, dim=16, n_layer=1, n_head=2)
 
 
+def descend(module, loss_fn, steps, lr=3e-3):
+    """steps of AdamW on loss_fn()."""
+    opt = torch.optim.AdamW(module.parameters(), lr=lr)
+    for _ in range(steps):
+        loss_fn().backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def test_video_encoder_grid_and_space_time_attention():
     torch.manual_seed(0)
     enc = VideoEncoder(CFG)
@@ -78,13 +87,8 @@ def test_a_few_contrastive_steps_lower_each_loss():
         model = Contrastive(ImageEncoder(CFG), TextTower(30, 16, 1, 2, pad_id=0), 16, 16, embed_dim=8, loss=loss)
         pixels = torch.randn(6, 1, 3, 16, 16)
         ids = torch.randint(1, 30, (6, 5))
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         first = model(pixels, ids).item()
-        for _ in range(20):
-            step_loss = model(pixels, ids)
-            step_loss.backward()
-            opt.step()
-            opt.zero_grad()
+        descend(model, lambda: model(pixels, ids), 20)
         assert model(pixels, ids).item() < 0.8 * first, loss
 
 
@@ -100,12 +104,7 @@ def test_masked_video_reconstructs_hidden_tubelets_and_learns():
     assert torch.allclose(t[0, 0], (patch - patch.mean()) / (patch.var() + 1e-6).sqrt(), atol=1e-5)
     patch = x[1, 2:4, :, 4:8, 8:12].permute(0, 2, 3, 1).flatten()  # time step 1, grid row 1, column 2
     assert torch.allclose(t[1, 16 + 4 + 2], (patch - patch.mean()) / (patch.var() + 1e-6).sqrt(), atol=1e-5)
-    opt = torch.optim.AdamW(mae.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
     first = mae(x, g).item()
-    for _ in range(30):
-        loss = mae(x, g)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    descend(mae, lambda: mae(x, g), 30)
     assert mae(x, torch.Generator().manual_seed(1)).item() < 0.9 * first
