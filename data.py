@@ -12,6 +12,7 @@ On disk: videos/*.mp4, scenes.jsonl (the scripts), {train,val,test}.jsonl (multi
 captions_{train,val,test}.jsonl (conversations, like LLaVA-Video). Generation is seeded and cached.
 """
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -215,16 +216,19 @@ def render(scene):
 
 
 def write_mp4(path, frames, fps):
-    """Encode (N, H, W, 3) uint8 RGB frames as H.264 at a constant frame rate, atomically."""
+    """Encode uint8 RGB frames ((N, H, W, 3), or any iterable of (H, W, 3)) as H.264 at a constant frame rate,
+    atomically."""
+    frames = iter(frames)
+    first = next(frames)
     tmp = path + ".tmp.mp4"
     with av.open(tmp, mode="w") as container:
         stream = container.add_stream("libx264", rate=int(fps))
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = first.shape[1], first.shape[0], "yuv420p"
         # with x264's macroblock-tree rate control the same frames came out as different bytes from encode to
         # encode (7 byte strings in 25 encodes of one clip), so two generations of a world differed; without it
         # the bytes repeat (tests/test_data.py)
         stream.options = {"crf": "16", "preset": "veryfast", "x264-params": "mbtree=0"}
-        for img in frames:
+        for img in itertools.chain([first], frames):
             for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
@@ -437,6 +441,11 @@ def describe_span(scene, t0, t1):
 WORLD_FORMAT = 2  # part of the cache key: bump it when the same config would now give other bytes
 
 
+def cpu_count():
+    """The cores this process may use (all of them where the OS cannot say)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def world_dir(cfg, root):
     key = hashlib.sha1(json.dumps([WORLD_FORMAT, asdict(cfg)], sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(root, f"world-{key}")
@@ -450,7 +459,7 @@ def make_world(cfg, root="data", workers=None, log=print):
     os.makedirs(os.path.join(out, "videos"), exist_ok=True)
     jobs = [(split, i) for split, n in [("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test)]
             for i in range(n)]
-    workers = workers or min(len(os.sched_getaffinity(0)), 8)
+    workers = workers or min(cpu_count(), 8)
     log(f"generating {len(jobs)} videos into {out} with {workers} processes")
     if workers > 1:
         import multiprocessing as mp

@@ -19,6 +19,7 @@ Then the test split is scored: eval.json holds overall and per-category accuracy
 questions not marked as shortcuts; eval.json carries the score with shortcuts too.
 Each run writes into out_dir: config.json, metrics.jsonl, tokenizer.json, one checkpoint per stage, eval.json.
 """
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -32,10 +33,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from apollo import VISIONS, Apollo, ApolloConfig, LMConfig, answer_mc
-from data import CATEGORIES, DataError, WorldConfig, describe_span, load_jsonl, make_world, reading_drills
+from data import CATEGORIES, DataError, WorldConfig, cpu_count, describe_span, load_jsonl, make_world, reading_drills
 from encoders import EncoderConfig, Pretraining
 from integrate import IGNORE, INTEGRATIONS, PAD, Tokenizer, build_sample, format_mc, mc_answer, video_tokens
 from resampler import ResamplerConfig
@@ -101,6 +104,8 @@ class Config:
     drill_share: float = 0.8    # share of lm steps that take a batch of drills (they are ~10x cheaper)
     sft_caption_share: float = 0.3  # share of the training captions that sft keeps beside the questions
     text_share: float = 0.15    # share of text-only samples in sft (Apollo: some text is essential)
+    grad_accum: int = 1         # micro-batches per step (each process takes batch_size / processes / grad_accum)
+    workers: int = -1           # DataLoader worker processes; -1: 0 on CPU, min(4, cores) on CUDA
     eval_batch_size: int = 64
     log_every: int = 10
     ckpt_every: int = 100
@@ -208,27 +213,49 @@ def pick_device(name):
 # Samples: a video (sampled once, then cached as uint8), a prompt and an answer, as ids, labels and clips
 
 
+def decode_video(path, cfg):
+    """(frames (C, T, S, S, 3) uint8 at the model's input size S, clips [(start, end)]) of the video at path."""
+    if cfg.sampling == "fps":
+        frames, _, clips = sample_fps(path, cfg.fps, cfg.frames_per_clip, cfg.max_clips)
+    else:
+        frames, times = sample_uniform(path, cfg.num_frames)
+        t = times.reshape(-1, cfg.frames_per_clip)
+        clips = list(zip(t[:, 0].tolist(), t[:, -1].tolist()))
+    frames = torch.from_numpy(frames)  # (C*T, H, W, 3)
+    S = cfg.image_size
+    if frames.shape[1:3] != (S, S):  # a user's big video: keep only what the model will see
+        x = F.interpolate(frames.permute(0, 3, 1, 2).float(), size=(S, S), mode="bilinear", antialias=True)
+        frames = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return frames.reshape(len(clips), cfg.frames_per_clip, S, S, 3).contiguous(), clips
+
+
+def decode_named(path, cfg):
+    return path, decode_video(path, cfg)
+
+
 class Samples(torch.utils.data.Dataset):
     """items: dicts with 'turns' [(prompt, answer)] and optionally 'video' (a path). A video is sampled once: its uint8
-    frames are kept in `cache` (shared by the stages of a run), so later epochs and stages decode nothing."""
+    frames, at the model's input size, are kept in `cache` (shared by the stages of a run), so later epochs and
+    stages decode nothing."""
 
     def __init__(self, items, tok, cfg, tokens_per_clip, cache=None):
         self.items, self.tok, self.cfg, self.tokens_per_clip = items, tok, cfg, tokens_per_clip
         self.frames = {} if cache is None else cache
-        self.grid_of = None  # set by train_stage while the encoder is frozen: (path, frames) -> its feature grid
 
     def clips_of(self, path):
         if path not in self.frames:
-            c = self.cfg
-            if c.sampling == "fps":
-                frames, _, clips = sample_fps(path, c.fps, c.frames_per_clip, c.max_clips)
-            else:
-                frames, times = sample_uniform(path, c.num_frames)
-                t = times.reshape(-1, c.frames_per_clip)
-                clips = list(zip(t[:, 0].tolist(), t[:, -1].tolist()))
-            self.frames[path] = (torch.from_numpy(frames).view(len(clips), c.frames_per_clip, *frames.shape[1:]),
-                                 clips)
+            self.frames[path] = decode_video(path, self.cfg)
         return self.frames[path]
+
+    def warm(self, workers):
+        """Decode every video the items name that the cache lacks, in worker processes when workers > 0, so that
+        DataLoader workers (forked after this) start with the whole cache."""
+        paths = sorted({it["video"] for it in self.items if it.get("video")} - set(self.frames))
+        if workers > 0 and len(paths) > 1:
+            self.frames.update(torch.utils.data.DataLoader(paths, batch_size=None, num_workers=workers,
+                                                           collate_fn=functools.partial(decode_named, cfg=self.cfg)))
+        for p in paths:
+            self.clips_of(p)
 
     def __len__(self):
         return len(self.items)
@@ -241,17 +268,16 @@ class Samples(torch.utils.data.Dataset):
             (t0, t1), scene = clips[k], item["scene"]
             return {"pixels": frames[k], "clip_ids": self.tok.encode(describe_span(scene, t0, t1)),
                     "frame_ids": self.tok.encode(describe_span(scene, t0, t0))}
-        frames, video, grid = None, None, None
+        frames, video = None, None
         if item.get("video"):
             frames, clips = self.clips_of(item["video"])
             video = video_tokens(self.tok, clips, self.tokens_per_clip, self.cfg.integration)
-            if self.grid_of is not None:
-                frames, grid = None, self.grid_of(item["video"], frames)
         if item.get("eval"):  # scoring: the prompt only; the model writes the answer
             ids, labels = build_sample(self.tok, [(item["turns"][0][0], "")], video)[0][:-1], None
         else:
             ids, labels = build_sample(self.tok, item["turns"], video)
-        return {"ids": ids, "labels": labels, "frames": frames, "grid": grid, "n_options": item.get("n_options", 0)}
+        return {"ids": ids, "labels": labels, "frames": frames, "video": item.get("video"),
+                "n_options": item.get("n_options", 0)}
 
 
 def pad(seqs, fill=PAD):
@@ -269,9 +295,8 @@ def collate(batch):
     ids = pad([b["ids"] for b in batch])
     labels = pad([b["labels"] if b["labels"] is not None else [IGNORE] * len(b["ids"]) for b in batch], IGNORE)
     frames = [b["frames"] for b in batch if b["frames"] is not None]
-    grids = [b["grid"] for b in batch if b.get("grid") is not None]
     return {"ids": ids, "labels": labels, "frames": torch.cat(frames) if frames else None,
-            "grid": torch.cat(grids) if grids else None,
+            "videos": [(b["video"], len(b["frames"])) for b in batch if b["frames"] is not None],
             "lengths": torch.tensor([len(b["ids"]) for b in batch]),
             "n_options": torch.tensor([b["n_options"] for b in batch])}
 
@@ -374,6 +399,23 @@ def to_device(batch, device):
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def shard(order, rank, world, grad_accum):
+    """This process's micro-batches of each global batch from order: its share (every world-th sample from rank),
+    cut into grad_accum pieces. One process with grad_accum 1 takes the global batch whole."""
+    for indices in order:
+        mine = indices[rank::world]
+        for m in range(grad_accum):
+            yield mine[m::grad_accum]
+
+
+def global_sum(x, env):
+    """x summed over the processes of a torchrun (x itself in a single process)."""
+    x = torch.as_tensor(x, dtype=torch.float32, device=env["device"]).clone()
+    if env["world"] > 1:
+        dist.all_reduce(x)
+    return x
+
+
 def train_stage(model, stage, dataset, cfg, env):
     steps, base_lr = getattr(cfg, f"{stage}_steps"), getattr(cfg, f"{stage}_lr")
     params = trainable(model, stage)
@@ -388,61 +430,86 @@ def train_stage(model, stage, dataset, cfg, env):
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             start = ckpt["step"]
-            print(f"[{stage}] resuming from step {start}")
+            env["log"](f"[{stage}] resuming from step {start}")
         else:
-            print(f"[{stage}] {last_path} exists; starting the stage afresh (pass --resume to continue it)")
+            env["log"](f"[{stage}] {last_path} exists; starting the stage afresh (pass --resume to continue it)")
     model.train()
-    if stage != "encoders" and not any(p.requires_grad for e in model.encoders() for p in e.parameters()):
-        # the encoders are frozen: encode each video once
-        grids = {}
+    net = model  # under torchrun, DDP averages the gradients of the processes during backward
+    if env["world"] > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env["device"].index] if env["device"].type == "cuda" else None,
+            find_unused_parameters=True, broadcast_buffers=False)  # a text-only batch leaves the connector unused
+    frozen = stage != "encoders" and not any(p.requires_grad for e in model.encoders() for p in e.parameters())
+    grids = {}  # the encoders are frozen: each video is encoded once
 
-        def grid_of(path, frames):
-            if path not in grids:
-                with torch.no_grad(), env["autocast"]():
-                    grids[path] = model.encode_frames(frames.to(env["device"]))
-            return grids[path]
-        dataset.grid_of = grid_of
+    def grid_of(path, frames):
+        if path not in grids:
+            with torch.no_grad(), env["autocast"]():
+                grids[path] = model.encode_frames(frames)
+        return grids[path]
     kinds = sorted({it.get("kind", "") for it in dataset.items})  # "drill" (lm stage) or "" (the rest)
     pools = [[i for i, it in enumerate(dataset.items) if it.get("kind", "") == k] for k in kinds]
     shares = [cfg.drill_share if k == "drill" else 1 - cfg.drill_share for k in kinds] if len(kinds) > 1 else [1.0]
     seed = cfg.seed * 1000 + (STAGES.index(stage) if stage in STAGES else len(STAGES))
-    order = batches(pools, cfg.batch_size, seed, start, shares)
-    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True)
-    t0, tokens = time.perf_counter(), 0
+    dataset.warm(env["workers"])
+    order = shard(batches(pools, cfg.batch_size, seed, start, shares), env["rank"], env["world"], cfg.grad_accum)
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=collate,
+                                              num_workers=env["workers"], pin_memory=env["device"].type == "cuda"))
+    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True, disable=not env["main"])
+    t0, tokens, waited, logged = time.perf_counter(), 0, 0.0, start
     for step in bar:
-        batch = to_device(collate([dataset[i] for i in next(order)]), env["device"])
+        t_wait = time.perf_counter()
+        micro = [to_device(next(loader), env["device"]) for _ in range(cfg.grad_accum)]
+        waited += time.perf_counter() - t_wait
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, base_lr, cfg.warmup)
-        with env["autocast"]():
-            if stage == "encoders":
-                loss = model(batch["pixels"], batch["clip_ids"], batch["frame_ids"])
-            else:
-                _, loss = model(batch["ids"], batch["frames"], batch["labels"], grid=batch["grid"])
-        if not torch.isfinite(loss):  # stop before the bad step touches the weights or a checkpoint
+        # each micro-batch's loss is a mean over its targets (answer tokens, or pairs); weighting it by its share
+        # of all the step's targets, in every process, makes the step's gradient that of the global batch
+        counts = [len(b["pixels"]) if stage == "encoders" else int((b["labels"][:, 1:] != IGNORE).sum())
+                  for b in micro]
+        total = global_sum(sum(counts), env)
+        step_loss = 0.0
+        for m, b in enumerate(micro):
+            if frozen and b["frames"] is not None:
+                b["grid"] = torch.cat([grid_of(path, f) for (path, _), f in
+                                       zip(b["videos"], b["frames"].split([n for _, n in b["videos"]]))])
+            last = m == len(micro) - 1
+            with (contextlib.nullcontext() if last or net is model else net.no_sync()), env["autocast"]():
+                if stage == "encoders":
+                    loss = net(b["pixels"], b["clip_ids"], b["frame_ids"])
+                else:
+                    _, loss = net(b["ids"], None if frozen else b["frames"], b["labels"], grid=b.get("grid"))
+            (loss * (counts[m] * env["world"] / total)).backward()
+            step_loss = step_loss + loss.detach().float() * counts[m] / total
+        step_loss = global_sum(step_loss, env)
+        if not torch.isfinite(step_loss):  # stop before the bad step touches the weights or a checkpoint
             kept = f"{last_path} (step {step // cfg.ckpt_every * cfg.ckpt_every})" if os.path.exists(last_path) \
                 else "no checkpoint of this stage yet"
-            raise TrainingError(f"[{stage}] step {step + 1}: the loss is {loss.item()}; last good checkpoint: {kept}")
-        loss.backward()
+            raise TrainingError(f"[{stage}] step {step + 1}: the loss is {step_loss.item()}; last good checkpoint: "
+                                f"{kept}")
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += batch["ids"].numel() if "ids" in batch else batch["clip_ids"].numel()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+        tokens += env["world"] * sum(b["ids"].numel() if "ids" in b else b["clip_ids"].numel() for b in micro)
+        if env["main"] and ((step + 1) % cfg.log_every == 0 or step + 1 == steps):
             if env["device"].type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-            row = {"stage": stage, "step": step + 1, "loss": round(loss.item(), 4), "lr": opt.param_groups[0]["lr"],
-                   "tokens_per_s": round(tokens / dt), "ms_per_step": round(1000 * dt / cfg.log_every, 1)}
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=row["tokens_per_s"])
+            row = {"stage": stage, "step": step + 1, "loss": round(step_loss.item(), 4),
+                   "lr": opt.param_groups[0]["lr"], "tokens_per_s": round(tokens / dt),
+                   "ms_per_step": round(1000 * dt / (step + 1 - logged), 1),
+                   "data_wait": round(waited / dt, 4)}  # share of the time spent waiting for batches
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=row["tokens_per_s"], wait=f"{row['data_wait']:.0%}")
             with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
-            t0, tokens = time.perf_counter(), 0
-        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
+            t0, tokens, waited, logged = time.perf_counter(), 0, 0.0, step + 1
+        if env["main"] and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
             save_checkpoint(last_path, model, opt, stage, step + 1, cfg)
-    dataset.grid_of = None
-    save_checkpoint(os.path.join(cfg.out_dir, f"{stage}.pt"), model, opt, stage, steps, cfg)
-    if os.path.exists(last_path):
-        os.remove(last_path)
+    if env["main"]:
+        save_checkpoint(os.path.join(cfg.out_dir, f"{stage}.pt"), model, opt, stage, steps, cfg)
+        if os.path.exists(last_path):
+            os.remove(last_path)
+    barrier(env)
 
 
 def pretrain_encoders(model, world, tok, cfg, env, cache):
@@ -453,7 +520,7 @@ def pretrain_encoders(model, world, tok, cfg, env, cache):
     done = os.path.join(cfg.out_dir, "encoders.pt")
     if os.path.exists(done) and cfg.stage == "all":
         module.load_state_dict(load_checkpoint(done, cfg)["model"])
-        print(f"[encoders] reusing {done}")
+        env["log"](f"[encoders] reusing {done}")
         return
     with open(os.path.join(world, "scenes.jsonl")) as f:
         scenes = {s["name"]: s for s in map(json.loads, f)}
@@ -463,10 +530,13 @@ def pretrain_encoders(model, world, tok, cfg, env, cache):
         return [{"video": os.path.join(world, v), "clip": k, "scene": scenes[os.path.basename(v)[:-4]]}
                 for v in names for k in range(clips_per_video)]
     train_stage(module, "encoders", Samples(pairs("train", cfg.max_clips), tok, cfg, 0, cache), cfg, env)
+    if not env["main"]:
+        return None
     val = Samples(pairs("val", 1), tok, cfg, 0, cache)
     batch = to_device(collate([val[i] for i in range(len(val))]), env["device"])
     module.eval()
     result = module.retrieval(batch["pixels"], batch["clip_ids"], batch["frame_ids"])
+    result = json.loads(json.dumps(result), parse_float=lambda x: round(float(x), 4))  # 4 decimals throughout
     module.train()
     result["n"], result["chance_r1"] = len(val), round(1 / len(val), 4)
     with open(os.path.join(cfg.out_dir, "retrieval.json"), "w") as f:
@@ -528,13 +598,31 @@ def load_checkpoint(path, cfg):
 
 
 def setup(cfg):
+    """The device, bf16 and compile choices, and the processes of a torchrun (RANK and WORLD_SIZE in the environment;
+    one process otherwise): env, handed to everything that trains."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(cfg.device)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ConfigError(f"--batch_size={cfg.batch_size} must divide into {world} processes x --grad_accum="
+                          f"{cfg.grad_accum} micro-batches")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"
                                           and torch.cuda.is_bf16_supported())
-    env = {"device": device, "bf16": use_bf16,
-           "autocast": lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)}
+    workers = cfg.workers if cfg.workers >= 0 else (min(4, cpu_count()) if device.type == "cuda" else 0)
+    env = {"device": device, "bf16": use_bf16, "rank": rank, "world": world, "main": rank == 0, "workers": workers,
+           "autocast": lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16),
+           "log": print if rank == 0 else (lambda *a, **k: None)}
     env["compile"] = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
     return env
+
+
+def barrier(env):
+    if env["world"] > 1:
+        dist.barrier()
 
 
 def get_tokenizer(cfg, world):
@@ -555,18 +643,31 @@ def main(argv):
         return None
     cfg = config_from_args(argv)
     env = setup(cfg)
+    try:
+        return run(cfg, env)
+    finally:
+        if env["world"] > 1:
+            dist.destroy_process_group()
+
+
+def run(cfg, env):
     torch.manual_seed(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=1)
     t_start = time.perf_counter()
-    world = make_world(WorldConfig(seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
-                                   questions_per_video=cfg.questions_per_video, min_seconds=cfg.min_seconds,
-                                   max_seconds=cfg.max_seconds), cfg.data_dir)
+    world_cfg = WorldConfig(seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
+                            questions_per_video=cfg.questions_per_video, min_seconds=cfg.min_seconds,
+                            max_seconds=cfg.max_seconds)
+    if env["main"]:  # under torchrun, process 0 makes the world, the tokenizer and the files; the rest wait
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=1)
+        get_tokenizer(cfg, make_world(world_cfg, cfg.data_dir))
+    barrier(env)
+    world = make_world(world_cfg, cfg.data_dir)
     tok = get_tokenizer(cfg, world)
     model = Apollo(model_config(cfg, tok.vocab_size)).to(env["device"])
-    print(f"device {env['device']}, bf16 {env['bf16']}, compile {env['compile']}, preset {cfg.preset}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, world {world}")
+    env["log"](f"device {env['device']}, bf16 {env['bf16']}, compile {env['compile']}, preset {cfg.preset}, "
+               f"{env['world']} process(es), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+               f"world {world}")
     if env["compile"]:
         for part in (*model.encoders(), model.resampler, model.lm):
             part.compile()
@@ -581,7 +682,7 @@ def main(argv):
         done = os.path.join(cfg.out_dir, f"{stage}.pt")
         if os.path.exists(done) and cfg.stage == "all":
             model.load_state_dict(load_checkpoint(done, cfg)["model"])
-            print(f"[{stage}] reusing {done}")
+            env["log"](f"[{stage}] reusing {done}")
             continue
         if cfg.stage != "all" and STAGES.index(stage) > 0:
             prev = os.path.join(cfg.out_dir, f"{STAGES[STAGES.index(stage) - 1]}.pt")
@@ -589,6 +690,8 @@ def main(argv):
                 model.load_state_dict(load_checkpoint(prev, cfg)["model"])
         items = stage_items(stage, world, cfg, rng)
         train_stage(model, stage, Samples(items, tok, cfg, model.tokens_per_clip, cache), cfg, env)
+    if not env["main"]:
+        return None
     test = [dict(mc_item(q, world), eval=True) for q in load_jsonl(f"{world}/test.jsonl")]
     result = evaluate(model, Samples(test, tok, cfg, model.tokens_per_clip), cfg, env)
     result["minutes"] = round((time.perf_counter() - t_start) / 60, 2)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import train
+from data import write_mp4
 from train import ConfigError, Samples, config_from_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,3 +195,31 @@ def test_encoders_stage_pretrains_both_towers_and_reports_retrieval(tmp_path):
             for way in ("caption_to_visual", "visual_to_caption"):
                 r = result[tower][way]
                 assert 0 <= r["1"] <= r["5"] <= 1
+
+
+def test_each_video_is_decoded_once_at_the_model_size(tiny_world, tmp_path, monkeypatch):
+    """Two epochs decode each video once; warm() decodes in worker processes and fills the same cache; a video of
+    another size is stored at image_size, so a user's big videos cost the cache what the model sees."""
+    world, cfg, tok, env = small_setup(tiny_world, tmp_path)
+    items = train.stage_items("align", world, cfg, np.random.default_rng(0))
+    calls, real = [], train.decode_video
+    monkeypatch.setattr(train, "decode_video", lambda path, cfg: calls.append(path) or real(path, cfg))
+    lazy = Samples(items, tok, cfg, 4)
+    for _ in range(2):
+        for i in range(len(lazy)):
+            lazy[i]
+    assert sorted(calls) == sorted({it["video"] for it in items})
+    warm = Samples(items, tok, cfg, 4)
+    warm.warm(workers=2)
+    n = len(calls)
+    for i in range(len(warm)):
+        warm[i]
+    assert len(calls) == n  # all decoded in the workers: the training process decodes nothing
+    assert warm.frames.keys() == lazy.frames.keys()
+    for path, (frames, clips) in lazy.frames.items():
+        assert torch.equal(warm.frames[path][0], frames) and warm.frames[path][1] == clips
+    big = str(tmp_path / "big.mp4")
+    write_mp4(big, np.full((30, 96, 160, 3), 200, np.uint8), 10)
+    frames, clips = real(big, cfg)
+    assert frames.shape == (len(clips), cfg.frames_per_clip, cfg.image_size, cfg.image_size, 3)
+    assert abs(int(frames.float().mean()) - 200) <= 2
