@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from encoders import EncoderConfig, ImageEncoder, VideoEncoder, fuse_grids, preprocess
 from integrate import ANSWER_SEP, IGNORE, VIDEO
 from layers import Block, RMSNorm, causal_mask, rope_tables
-from resampler import PerceiverResampler, Projector, ResamplerConfig
+from resampler import Projector, ResamplerConfig, make_resampler
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Apollo(nn.Module):
         self.image_encoder = ImageEncoder(cfg.encoder) if "image" in cfg.vision else None
         self.video_encoder = VideoEncoder(cfg.encoder, cfg.tubelet) if "video" in cfg.vision else None
         self.projector = Projector(cfg.encoder.dim * len(self.encoders()), cfg.lm.dim)
-        self.resampler = PerceiverResampler(cfg.resampler, cfg.lm.dim, cfg.frames_per_clip)
+        self.resampler = make_resampler(cfg.resampler, cfg.lm.dim, cfg.frames_per_clip)
         self.lm = LM(cfg.lm)
         self.apply(init_weights)
 

@@ -41,10 +41,22 @@ from apollo import VISIONS, Apollo, ApolloConfig, LMConfig, answer_mc
 from data import CATEGORIES, DataError, WorldConfig, cpu_count, describe_span, load_jsonl, make_world, reading_drills
 from encoders import EncoderConfig, Pretraining
 from integrate import IGNORE, INTEGRATIONS, PAD, Tokenizer, build_sample, format_mc, mc_answer, video_tokens
-from resampler import ResamplerConfig
+from resampler import RESAMPLERS, ResamplerConfig
 from sampling import VideoError, sample_fps, sample_uniform
 
 STAGES = ["lm", "align", "vision", "sft"]
+SCHEDULES = {3: STAGES, 2: ["lm", "align", "sft"], 1: ["lm", "sft"]}
+
+
+def stage_steps(cfg, stage):
+    """A stage's steps: a shorter schedule gives the steps of the stages it drops to the stage that takes their
+    place, so that every schedule trains for as many steps."""
+    steps = getattr(cfg, f"{stage}_steps")
+    if stage == "align" and cfg.schedule == 2:
+        steps += cfg.vision_steps
+    if stage == "sft" and cfg.schedule == 1:
+        steps += cfg.align_steps + cfg.vision_steps
+    return steps
 
 
 @dataclass
@@ -77,6 +89,7 @@ class Config:
     vit_heads: int = 4
     vision: str = "image"       # image | video | image+video: the encoders (both: grids fused, Apollo §4.2)
     tokens_per_frame: int = 8
+    resampler: str = "perceiver"  # perceiver | mlp_pool | conv_pool (Table 1's connector comparison)
     resampler_layers: int = 2
     lm_dim: int = 128
     lm_layers: int = 4
@@ -85,6 +98,10 @@ class Config:
     integration: str = "timestamp"  # plain | start_end | timestamp | timestamp_start_end
     # training (Apollo: AdamW, clip 1, 3% warm-up, cosine decay)
     batch_size: int = 32
+    schedule: int = 3           # Apollo's 3 stages (align, vision, sft); 2: align (with vision's steps), sft;
+                                # 1: one sft stage with every step and every caption. The lm stage comes first in all
+    eval_sampling: str = ""     # fps | uniform: test with other sampling than training (empty: the same)
+    lm_from: str = ""           # a run's out_dir: start from its lm.pt's LM and its tokenizer, skipping stage lm
     encoders_steps: int = 0     # stage encoders (contrastive pretraining); 0 skips it (not yet measured on by default)
     encoders_lr: float = 1e-3
     contrastive_loss: str = "siglip"  # siglip | clip
@@ -173,12 +190,16 @@ def config_from_args(argv):
 def check_config(cfg):
     if cfg.stage not in ["all", "encoders"] + STAGES:
         raise ConfigError(f"--stage: {cfg.stage!r} is not one of {['all', 'encoders'] + STAGES}")
-    if cfg.sampling not in ("fps", "uniform"):
-        raise ConfigError(f"--sampling: {cfg.sampling!r} is not fps or uniform")
+    if cfg.sampling not in ("fps", "uniform") or cfg.eval_sampling not in ("", "fps", "uniform"):
+        raise ConfigError(f"--sampling / --eval_sampling: {cfg.sampling!r} / {cfg.eval_sampling!r}: use fps or uniform")
+    if cfg.schedule not in (1, 2, 3):
+        raise ConfigError(f"--schedule={cfg.schedule}: Apollo compares 1, 2 and 3 stages")
     if cfg.integration not in INTEGRATIONS:
         raise ConfigError(f"--integration: {cfg.integration!r} is not one of {INTEGRATIONS}")
     if cfg.sampling == "uniform" and cfg.num_frames % cfg.frames_per_clip:
         raise ConfigError(f"--num_frames={cfg.num_frames} must be a multiple of frames_per_clip={cfg.frames_per_clip}")
+    if cfg.resampler not in RESAMPLERS:
+        raise ConfigError(f"--resampler: {cfg.resampler!r} is not one of {RESAMPLERS}")
     if cfg.contrastive_loss not in ("siglip", "clip") or cfg.video_objective not in ("contrastive", "masked"):
         raise ConfigError("--contrastive_loss must be siglip|clip and --video_objective contrastive|masked")
     if cfg.vision not in VISIONS:
@@ -194,7 +215,7 @@ def check_config(cfg):
 def model_config(cfg, vocab_size):
     return ApolloConfig(
         encoder=EncoderConfig(cfg.image_size, cfg.patch_size, cfg.vit_dim, cfg.vit_layers, cfg.vit_heads),
-        resampler=ResamplerConfig(cfg.tokens_per_frame, cfg.resampler_layers, cfg.lm_heads),
+        resampler=ResamplerConfig(cfg.tokens_per_frame, cfg.resampler_layers, cfg.lm_heads, cfg.resampler),
         lm=LMConfig(vocab_size, cfg.lm_dim, cfg.lm_layers, cfg.lm_heads), frames_per_clip=cfg.frames_per_clip,
         vision=cfg.vision)
 
@@ -241,6 +262,7 @@ class Samples(torch.utils.data.Dataset):
     def __init__(self, items, tok, cfg, tokens_per_clip, cache=None):
         self.items, self.tok, self.cfg, self.tokens_per_clip = items, tok, cfg, tokens_per_clip
         self.frames = {} if cache is None else cache
+        self.captions = {}  # stage encoders: (video, clip) -> the ids of its clip and frame captions
 
     def clips_of(self, path):
         if path not in self.frames:
@@ -265,9 +287,12 @@ class Samples(torch.utils.data.Dataset):
         if "scene" in item:  # stage encoders: one clip, its caption, and its first frame's caption
             frames, clips = self.clips_of(item["video"])
             k = item["clip"] % len(clips)
-            (t0, t1), scene = clips[k], item["scene"]
-            return {"pixels": frames[k], "clip_ids": self.tok.encode(describe_span(scene, t0, t1)),
-                    "frame_ids": self.tok.encode(describe_span(scene, t0, t0))}
+            if (item["video"], k) not in self.captions:  # written from the script once (its physics is slow)
+                (t0, t1), scene = clips[k], item["scene"]
+                self.captions[item["video"], k] = (self.tok.encode(describe_span(scene, t0, t1)),
+                                                   self.tok.encode(describe_span(scene, t0, t0)))
+            clip_ids, frame_ids = self.captions[item["video"], k]
+            return {"pixels": frames[k], "clip_ids": clip_ids, "frame_ids": frame_ids}
         frames, video = None, None
         if item.get("video"):
             frames, clips = self.clips_of(item["video"])
@@ -362,7 +387,8 @@ def stage_items(stage, world, cfg, rng):
         return [{"turns": [("", t)]} for t in texts] + text_qa + drills
     if stage in ("align", "vision"):
         return [caption_item(c, world) for c in captions]
-    kept = rng.permutation(len(captions))[: int(round(cfg.sft_caption_share * len(captions)))]
+    share = 1.0 if cfg.schedule == 1 else cfg.sft_caption_share  # one stage: the captions of all stages
+    kept = rng.permutation(len(captions))[: int(round(share * len(captions)))]
     video = conversation_items(questions, world, rng) + [caption_item(captions[i], world) for i in kept]
     n_text = int(len(video) * cfg.text_share / (1 - cfg.text_share))
     return video + [text_qa[i] for i in rng.choice(len(text_qa), n_text, replace=n_text > len(text_qa))]
@@ -417,7 +443,7 @@ def global_sum(x, env):
 
 
 def train_stage(model, stage, dataset, cfg, env):
-    steps, base_lr = getattr(cfg, f"{stage}_steps"), getattr(cfg, f"{stage}_lr")
+    steps, base_lr = stage_steps(cfg, stage), getattr(cfg, f"{stage}_lr")
     params = trainable(model, stage)
     decay = [p for p in params if p.dim() >= 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -570,6 +596,22 @@ def evaluate(model, dataset, cfg, env):
     return result
 
 
+LM_KEYS = ["lm_dim", "lm_layers", "lm_heads", "vocab_size"]
+
+
+def load_lm(model, cfg):
+    """--lm_from: the LM of another run's lm.pt (its vision side may differ: only the LM's weights are taken)."""
+    path = os.path.join(cfg.lm_from, "lm.pt")
+    if not os.path.exists(path):
+        raise ConfigError(f"--lm_from={cfg.lm_from}: no lm.pt there (run its stage lm first)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    diff = {k: (ckpt["config"].get(k), getattr(cfg, k)) for k in LM_KEYS if ckpt["config"].get(k) != getattr(cfg, k)}
+    if diff:
+        raise ConfigError(f"{path} holds another LM: " +
+                          ", ".join(f"{k}={a} there, {b} here" for k, (a, b) in diff.items()))
+    model.lm.load_state_dict({k[3:]: v for k, v in ckpt["model"].items() if k.startswith("lm.")})
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: plain state dicts (no compile prefix), refused when they come from another model config
 
@@ -582,7 +624,7 @@ def save_checkpoint(path, model, opt, stage, step, cfg):
 
 
 MODEL_KEYS = ["vision", "image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads", "tokens_per_frame",
-              "resampler_layers", "lm_dim", "lm_layers", "lm_heads", "vocab_size", "frames_per_clip"]
+              "resampler", "resampler_layers", "lm_dim", "lm_layers", "lm_heads", "vocab_size", "frames_per_clip"]
 
 
 def load_checkpoint(path, cfg):
@@ -629,6 +671,10 @@ def get_tokenizer(cfg, world):
     path = os.path.join(cfg.out_dir, "tokenizer.json")
     if os.path.exists(path):
         return Tokenizer.load(path)
+    if cfg.lm_from:  # the LM we start from reads the tokens of its own tokenizer
+        tok = Tokenizer.load(os.path.join(cfg.lm_from, "tokenizer.json"))
+        tok.save(path)
+        return tok
     texts = [c["conversations"][1]["value"] for c in load_jsonl(f"{world}/captions_train.jsonl")]
     texts += [format_mc(q["question"], q["options"]) + mc_answer(q["options"], q["answer"])
               for q in load_jsonl(f"{world}/train.jsonl")]
@@ -671,8 +717,8 @@ def run(cfg, env):
     if env["compile"]:
         for part in (*model.encoders(), model.resampler, model.lm):
             part.compile()
-    rng, cache = np.random.default_rng(cfg.seed), {}
-    stages = (["encoders"] if cfg.encoders_steps > 0 else []) + STAGES if cfg.stage == "all" else [cfg.stage]
+    cache, schedule = {}, SCHEDULES[cfg.schedule]
+    stages = (["encoders"] if cfg.encoders_steps > 0 else []) + schedule if cfg.stage == "all" else [cfg.stage]
     for stage in stages:
         if stage == "encoders":
             retrieval = pretrain_encoders(model, world, tok, cfg, env, cache)
@@ -684,16 +730,21 @@ def run(cfg, env):
             model.load_state_dict(load_checkpoint(done, cfg)["model"])
             env["log"](f"[{stage}] reusing {done}")
             continue
-        if cfg.stage != "all" and STAGES.index(stage) > 0:
-            prev = os.path.join(cfg.out_dir, f"{STAGES[STAGES.index(stage) - 1]}.pt")
+        if stage == "lm" and cfg.lm_from:
+            load_lm(model, cfg)
+            continue
+        if cfg.stage != "all" and stage in schedule and schedule.index(stage) > 0:
+            prev = os.path.join(cfg.out_dir, f"{schedule[schedule.index(stage) - 1]}.pt")
             if os.path.exists(prev):
                 model.load_state_dict(load_checkpoint(prev, cfg)["model"])
-        items = stage_items(stage, world, cfg, rng)
+        # each stage draws its data from its own seed: a stage reused or skipped leaves the others' draws alone
+        items = stage_items(stage, world, cfg, np.random.default_rng([cfg.seed, STAGES.index(stage)]))
         train_stage(model, stage, Samples(items, tok, cfg, model.tokens_per_clip, cache), cfg, env)
     if not env["main"]:
         return None
     test = [dict(mc_item(q, world), eval=True) for q in load_jsonl(f"{world}/test.jsonl")]
-    result = evaluate(model, Samples(test, tok, cfg, model.tokens_per_clip), cfg, env)
+    test_cfg = dataclasses.replace(cfg, sampling=cfg.eval_sampling or cfg.sampling)
+    result = evaluate(model, Samples(test, tok, test_cfg, model.tokens_per_clip), cfg, env)
     result["minutes"] = round((time.perf_counter() - t_start) / 60, 2)
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -11,7 +11,7 @@ from apollo import Apollo, ApolloConfig, LMConfig, answer_mc, choose_letters
 from encoders import EncoderConfig, ImageEncoder, preprocess
 from integrate import (BOS, EOS, IGNORE, PAD, SPECIALS, VID_END, VID_START, VIDEO, Tokenizer, build_sample, format_mc,
                        mc_answer, video_tokens)
-from resampler import PerceiverResampler, Projector, ResamplerConfig
+from resampler import PerceiverResampler, PoolResampler, Projector, ResamplerConfig, pool_shape
 
 CORPUS = ["A red circle appears at 0 s. The camera pans left.", "Which character appeared first?",
           "The square bounces 2 times and stops at 7 s.", "clip from 00:04-00:08:"] * 5
@@ -34,6 +34,20 @@ def test_perceiver_resampler_tokens_per_frame_whatever_the_grid():
     for grid in (2, 5):
         assert res(torch.randn(7, 4, grid, grid, 16)).shape == (7, 12, 16)
     assert Projector(8, 16)(torch.randn(2, 3, 8)).shape == (2, 3, 16)
+
+
+def test_pool_resamplers_average_each_frame_to_tokens_per_frame_cells():
+    assert pool_shape(8) == (2, 4) and pool_shape(16) == (4, 4) and pool_shape(3) == (1, 3)
+    for kind in ("mlp_pool", "conv_pool"):
+        res = PoolResampler(ResamplerConfig(tokens_per_frame=4, kind=kind), dim=6, frames_per_clip=2)
+        assert res(torch.randn(3, 2, 8, 8, 6)).shape == (3, 8, 6)  # 2 frames x 4 tokens
+        assert res(torch.randn(3, 1, 8, 8, 6)).shape == (3, 8, 6)  # one tubelet of 2 frames: the same tokens
+    # mlp_pool on a frame whose quadrants are constant: each token is its quadrant's value (up to the norm)
+    x = torch.zeros(1, 1, 4, 4, 6)
+    for k, (r, c) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2)]):
+        x[0, 0, r:r + 2, c:c + 2] = k + 1
+    res = PoolResampler(ResamplerConfig(tokens_per_frame=4, kind="mlp_pool"), dim=6, frames_per_clip=1)
+    torch.testing.assert_close(res(x)[0], res.norm(torch.tensor([1.0, 2, 3, 4])[:, None].expand(4, 6)))
 
 
 def test_tokenizer_round_trips_any_utf8_and_learns_merges():

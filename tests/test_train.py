@@ -223,3 +223,28 @@ def test_each_video_is_decoded_once_at_the_model_size(tiny_world, tmp_path, monk
     frames, clips = real(big, cfg)
     assert frames.shape == (len(clips), cfg.frames_per_clip, cfg.image_size, cfg.image_size, 3)
     assert abs(int(frames.float().mean()) - 200) <= 2
+
+
+def test_schedules_lm_from_and_eval_sampling(tmp_path):
+    """--schedule=1 trains lm then one sft stage holding every step; --lm_from starts another vision side from that
+    LM (skipping stage lm) and refuses another LM size; --eval_sampling tests with the other sampling."""
+    data, one, two = tmp_path / "data", tmp_path / "one", tmp_path / "two"
+    assert [train.stage_steps(config_from_args(["--preset=smoke", f"--schedule={s}"]), "sft") for s in (1, 2, 3)] == \
+        [3 + 2 + 2, 3, 3]
+    assert train.stage_steps(config_from_args(["--preset=smoke", "--schedule=2"]), "align") == 2 + 2
+    train.main(["--preset=smoke", f"--out_dir={one}", f"--data_dir={data}", "--schedule=1"])
+    rows = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({r["stage"] for r in rows}) == ["lm", "sft"] and max(r["step"] for r in rows) == 7
+    train.main(["--preset=smoke", f"--out_dir={two}", f"--data_dir={data}", f"--lm_from={one}",
+                "--resampler=conv_pool", "--vision=video", "--eval_sampling=uniform", "--num_frames=4"])
+    rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows if r["step"] == 1] == ["align", "vision", "sft"]
+    lm_a = torch.load(one / "lm.pt", weights_only=True)["model"]
+    lm_b = torch.load(two / "align.pt", weights_only=True)["model"]  # the LM is frozen in align
+    assert all(torch.equal(v, lm_b[k]) for k, v in lm_a.items() if k.startswith("lm."))
+    assert json.loads((two / "config.json").read_text())["eval_sampling"] == "uniform"
+    with pytest.raises(ConfigError, match="lm_dim=32 there, 48 here"):
+        train.main(["--preset=smoke", f"--out_dir={tmp_path / 'three'}", f"--data_dir={data}", f"--lm_from={one}",
+                    "--lm_dim=48"])
+    with pytest.raises(ConfigError, match="--schedule=4"):
+        config_from_args(["--schedule=4"])
