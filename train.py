@@ -136,6 +136,8 @@ PRESETS = {
                   lm_steps=3, drills=64, align_steps=2, vision_steps=2, sft_steps=3, max_clips=2, log_every=1,
                   ckpt_every=2),
     "cpu": dict(max_seconds=12.0),
+    "study": dict(n_train=300, n_val=40, n_test=80, max_seconds=12.0, batch_size=16, lm_steps=800, align_steps=40,
+                  vision_steps=60, sft_steps=150, encoders_lr=3e-3),  # sweep.py: a run in ~3 min on 2 CPU cores
     "gpu": dict(n_train=4000, n_val=200, n_test=400, fps=2.0, max_clips=8, image_size=64, vit_dim=192,
                 vit_layers=6, vit_heads=6, tokens_per_frame=16, resampler_layers=3, lm_dim=512, lm_layers=8,
                 lm_heads=8, vocab_size=1024, batch_size=64, lm_steps=1500, align_steps=800, vision_steps=2000,

@@ -1,0 +1,242 @@
+"""
+The paper's experiments in miniature (Apollo §3-4): each study trains its variants over several seeds and
+writes results/STUDY.md, our mean +- std per category beside the paper's numbers, and where matplotlib is
+installed a plot like the paper's figure.
+
+    python sweep.py resampler               # one study at the study preset (each within an hour on 2 CPU cores)
+    python sweep.py tokens --seeds=5 --preset=cpu
+    python sweep.py --list                  # the studies and their variants
+
+Every run is a plain `train.py` run in its own folder, results/runs/STUDY/VARIANT-sSEED, so a study that is
+stopped and started again skips the runs that finished (their eval.json is there) and resumes the one that
+was cut off (train.py reuses finished stages and continues the interrupted one). The text-only stage lm does
+not depend on the vision side, so each seed trains it once per LM size and every variant starts from it
+(--lm_from), the way the paper's variants all start from one pretrained Qwen.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from data import CATEGORIES
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# study -> variant -> train.py overrides; "paper" holds the paper's ApolloBench overall for the same variant
+STUDIES = {
+    "sampling": {
+        "what": "uniform sampling of N frames vs fps sampling, in training and at test time (§4.1)",
+        "variants": {
+            "uniform 8": ["--sampling=uniform", "--num_frames=8"],
+            "uniform 16": ["--sampling=uniform", "--num_frames=16"],
+            "uniform 16, fps at test": ["--sampling=uniform", "--num_frames=16", "--eval_sampling=fps"],
+            "fps 1": ["--sampling=fps", "--fps=1"],
+            "fps 2": ["--sampling=fps", "--fps=2", "--max_clips=8"],
+        },
+        "paper": {"uniform 8": 44.2, "uniform 16": 48.1, "uniform 16, fps at test": 52.6, "fps 2": 58.5},
+    },
+    "tokens": {
+        "what": "frames per second x tokens per frame (§4.1, the fps x tokens heatmap)",
+        "variants": {f"fps {f} x {t} tpf": [f"--fps={f}", f"--tokens_per_frame={t}", f"--max_clips={int(4 * f)}"]
+                     for f in (0.5, 1, 2) for t in (2, 8, 16)},
+        "paper": {},  # the paper's grid is a figure: best 58.6 at 4 fps x 8 tpf, 58.3 at 2 fps x 32 tpf; 4 tpf 21.5-50.5
+    },
+    "encoders": {
+        "what": "image / video / both encoders; SigLIP vs CLIP vs masked-video pretraining vs none (§4.2)",
+        "variants": {
+            "image, none": ["--vision=image", "--encoders_steps=0"],
+            "image, siglip": ["--vision=image", "--encoders_steps=300"],
+            "video, siglip": ["--vision=video", "--encoders_steps=300"],
+            "video, masked": ["--vision=video", "--encoders_steps=300", "--video_objective=masked"],
+            "image+video, siglip": ["--vision=image+video", "--encoders_steps=300"],
+            "image+video, clip": ["--vision=image+video", "--encoders_steps=300", "--contrastive_loss=clip"],
+        },
+        "paper": {"image, siglip": 52.7, "video, siglip": 52.0, "video, masked": 41.2, "image+video, siglip": 57.9},
+    },
+    "resampler": {
+        "what": "the connector that turns each frame into tokens (Table 1)",
+        "variants": {"perceiver": ["--resampler=perceiver"], "mlp_pool": ["--resampler=mlp_pool"],
+                     "conv_pool": ["--resampler=conv_pool"]},
+        "paper": {"perceiver": 55.5, "mlp_pool": 53.2, "conv_pool": 44.7},
+    },
+    "integration": {
+        "what": "how the video tokens are placed among the text (Table 2)",
+        "variants": {k: [f"--integration={k}"] for k in ("plain", "start_end", "timestamp", "timestamp_start_end")},
+        "paper": {"plain": 55.5, "start_end": 56.7, "timestamp": 56.8, "timestamp_start_end": 56.2},
+    },
+    "schedule": {
+        "what": "1, 2 or 3 training stages (same total steps), and the share of text-only data in sft (§5)",
+        "variants": {"3 stages": ["--schedule=3"], "2 stages": ["--schedule=2"], "1 stage": ["--schedule=1"],
+                     "3 stages, no text": ["--text_share=0"]},
+        "paper": {"3 stages": 59.2, "2 stages": 57.8, "1 stage": 48.7, "3 stages, no text": 47.5},
+    },
+}
+# the scaling study: variants of the other studies, each at two LM sizes; the paper's R^2 was 0.83 (1.5B vs 7B)
+SCALING_VARIANTS = ["resampler/perceiver", "resampler/conv_pool", "integration/plain", "integration/timestamp",
+                    "schedule/1 stage", "schedule/3 stages"]
+LM_SIZES = {"small": ["--lm_dim=64", "--lm_heads=2"], "large": []}  # large: the preset's own LM
+STUDIES["scaling"] = {
+    "what": "the same variants at two LM sizes; do the smaller model's rankings hold at the larger? (§3)",
+    "variants": {f"{v} @ {size}": STUDIES[v.split("/")[0]]["variants"][v.split("/")[1]] + args
+                 for v in SCALING_VARIANTS for size, args in LM_SIZES.items()},
+    "paper": {},
+}
+LM_ARGS = ("--lm_dim", "--lm_layers", "--lm_heads", "--vocab_size")
+
+
+def lm_key(args):
+    """The flags that shape the LM (and so the stage lm run a variant can share)."""
+    return "-".join(a.split("=")[0][5:] + a.split("=")[1] for a in args if a.startswith(LM_ARGS)) or "default"
+
+
+def train(args, out, log):
+    """One train.py run into out (skipped when its eval.json is there); returns its eval.json."""
+    if not os.path.exists(os.path.join(out, "eval.json")):
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "log.txt"), "a") as f:
+            run = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args, f"--out_dir={out}",
+                                  "--resume"], stdout=f, stderr=subprocess.STDOUT, cwd=HERE)
+        if run.returncode != 0:
+            raise SystemExit(f"error: the run in {out} failed; see {out}/log.txt")
+        log(f"finished {out}")
+    path = os.path.join(out, "eval.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def run_study(name, seeds=3, preset="study", root="results", log=print):
+    """Train every variant of a study over seeds (the stage lm once per seed and LM size); returns
+    {variant: [eval.json of each seed]}."""
+    study = STUDIES[name]
+    results = {}
+    for variant, args in study["variants"].items():
+        for seed in range(seeds):
+            common = [f"--preset={preset}", f"--seed={seed}", f"--data_dir={os.path.join(root, 'data')}"]
+            lm_dir = os.path.join(root, "runs", "lm", f"{preset}-{lm_key(args)}-s{seed}")
+            if not os.path.exists(os.path.join(lm_dir, "lm.pt")):
+                train([*common, *[a for a in args if a.startswith(LM_ARGS)], "--stage=lm"], lm_dir, log)
+            out = os.path.join(root, "runs", name, f"{slug(variant)}-s{seed}")
+            results.setdefault(variant, []).append(train([*common, *args, f"--lm_from={lm_dir}"], out, log))
+    return results
+
+
+def slug(text):
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarise(results):
+    """variant -> {"overall": (mean, std), category: (mean, std), "n_seeds": n}."""
+    out = {}
+    for variant, runs in results.items():
+        row = {"overall": mean_std([r["overall"] for r in runs]), "n_seeds": len(runs)}
+        for c in CATEGORIES:
+            row[c] = mean_std([r["categories"].get(c) for r in runs])
+        out[variant] = row
+    return out
+
+
+def r_squared(x, y):
+    """The squared Pearson correlation of two score lists (the paper's scaling-consistency measure)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1] ** 2)
+
+
+def report(name, summary, seeds, preset):
+    study = STUDIES[name]
+
+    def cell(ms):
+        return "-" if ms[0] is None else f"{100 * ms[0]:.1f} +- {100 * ms[1]:.1f}"
+    lines = [f"# Study `{name}`: {study['what']}", "",
+             f"`python sweep.py {name} --seeds={seeds} --preset={preset}`; accuracy in %, mean +- std over "
+             f"{seeds} seeds (the headline score: shortcut questions left out); paper: ApolloBench overall.", "",
+             "| variant | overall | " + " | ".join(CATEGORIES) + " | paper |",
+             "|---|---|" + "---|" * len(CATEGORIES) + "---|"]
+    for variant, row in summary.items():
+        paper = study["paper"].get(variant)
+        lines.append(f"| {variant} | **{cell(row['overall'])}** | " + " | ".join(cell(row[c]) for c in CATEGORIES)
+                     + f" | {paper if paper is not None else ''} |")
+    ranked = sorted(summary, key=lambda v: -summary[v]["overall"][0])
+    gap = summary[ranked[0]]["overall"][0] - summary[ranked[-1]]["overall"][0]
+    spread = np.mean([summary[v]["overall"][1] for v in summary])
+    lines += ["", f"Best here: {ranked[0]}; worst: {ranked[-1]}; the gap, {100 * gap:.1f} points, is "
+              f"{gap / spread if spread else float('inf'):.1f} times the mean seed std ({100 * spread:.1f})."]
+    if study["paper"]:
+        best_paper = max(study["paper"], key=study["paper"].get)
+        lines.append(f"Best in the paper (of the variants run here): {best_paper}.")
+    if name == "scaling":
+        pairs = [(summary[f"{v} @ small"]["overall"][0], summary[f"{v} @ large"]["overall"][0])
+                 for v in SCALING_VARIANTS]
+        lines.append(f"R^2 between the two LM sizes' scores over {len(pairs)} variants: "
+                     f"{r_squared(*zip(*pairs)):.3f} (paper, 1.5B vs 7B: 0.831).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(name, summary, path):
+    """The paper's figure for the study, where matplotlib is installed (it is optional: nothing else needs it)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if name == "tokens":  # the heatmap: fps x tokens per frame
+        fpss, tpfs = (0.5, 1, 2), (2, 8, 16)
+        grid = np.array([[summary[f"fps {f} x {t} tpf"]["overall"][0] for t in tpfs] for f in fpss])
+        im = ax.imshow(100 * grid, cmap="viridis")
+        ax.set_xticks(range(len(tpfs)), [str(t) for t in tpfs])
+        ax.set_yticks(range(len(fpss)), [str(f) for f in fpss])
+        ax.set_xlabel("tokens per frame")
+        ax.set_ylabel("fps")
+        fig.colorbar(im, label="accuracy %")
+    else:  # per-category lines, one per variant
+        for variant, row in summary.items():
+            ax.plot(CATEGORIES, [100 * (row[c][0] or 0) for c in CATEGORIES], marker="o", label=variant)
+        ax.set_ylabel("accuracy %")
+        ax.legend(fontsize=7)
+    ax.set_title(f"mini-Apollo: {name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv):
+    opts = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
+    names = [a for a in argv if not a.startswith("--")]
+    if "list" in opts or not names:
+        for name, study in STUDIES.items():
+            print(f"{name}: {study['what']}\n    " + "\n    ".join(study["variants"]))
+        return None
+    unknown = [n for n in names if n not in STUDIES]
+    if unknown:
+        raise SystemExit(f"error: unknown study {unknown[0]!r}; choose from {list(STUDIES)}")
+    seeds, preset, root = int(opts.get("seeds", 3)), opts.get("preset", "study"), opts.get("root", "results")
+    for name in names:
+        summary = summarise(run_study(name, seeds, preset, root))
+        os.makedirs(root, exist_ok=True)
+        text = report(name, summary, seeds, preset)
+        if plot(name, summary, os.path.join(root, f"{name}.png")):
+            text += f"\n![{name}]({name}.png)\n"
+        with open(os.path.join(root, f"{name}.md"), "w") as f:
+            f.write(text)
+        print(text)
+    return None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,37 @@
+"""sweep.py: a study's runs over seeds share a stage lm per seed, are cached, and end in a table.
+
+    pytest tests/test_sweep.py
+"""
+import os
+
+import pytest
+
+import sweep
+
+
+def test_a_tiny_study_runs_caches_and_reports(tmp_path, monkeypatch):
+    monkeypatch.setitem(sweep.STUDIES, "tiny", {
+        "what": "two connectors at the smoke preset",
+        "variants": {"perceiver": ["--resampler=perceiver"], "mlp_pool": ["--resampler=mlp_pool"]},
+        "paper": {"perceiver": 55.5, "mlp_pool": 53.2}})
+    root = str(tmp_path)
+    results = sweep.run_study("tiny", seeds=2, preset="smoke", root=root, log=lambda *a: None)
+    assert {v: len(r) for v, r in results.items()} == {"perceiver": 2, "mlp_pool": 2}
+    assert sorted(os.listdir(tmp_path / "runs" / "lm")) == ["smoke-default-s0", "smoke-default-s1"]  # one per seed
+    for seed in (0, 1):  # every variant of a seed started from that seed's LM
+        rows = (tmp_path / "runs" / "tiny" / f"mlp_pool-s{seed}" / "metrics.jsonl").read_text()
+        assert '"stage": "lm"' not in rows and '"stage": "sft"' in rows
+    stamp = os.path.getmtime(tmp_path / "runs" / "tiny" / "perceiver-s0" / "eval.json")
+    again = sweep.run_study("tiny", seeds=2, preset="smoke", root=root, log=lambda *a: None)
+    assert again == results and os.path.getmtime(tmp_path / "runs" / "tiny" / "perceiver-s0" / "eval.json") == stamp
+    summary = sweep.summarise(results)
+    mean, std = summary["perceiver"]["overall"]
+    scores = [r["overall"] for r in results["perceiver"]]
+    assert mean == pytest.approx(sum(scores) / 2) and std == pytest.approx(abs(scores[0] - scores[1]) / 2 ** 0.5)
+    text = sweep.report("tiny", summary, 2, "smoke")
+    assert "| perceiver |" in text and "| 55.5 |" in text and "Best here" in text
+
+
+def test_r_squared_of_known_lists():
+    assert sweep.r_squared([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
+    assert sweep.r_squared([1, 2, 3, 4], [1, -1, -1, 1]) == pytest.approx(0.0)
