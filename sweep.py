@@ -41,7 +41,7 @@ STUDIES = {
         "what": "frames per second x tokens per frame (§4.1, the fps x tokens heatmap)",
         "variants": {f"fps {f} x {t} tpf": [f"--fps={f}", f"--tokens_per_frame={t}", f"--max_clips={int(4 * f)}"]
                      for f in (0.5, 1, 2) for t in (2, 8, 16)},
-        "paper": {},  # the paper's grid is a figure: best 58.6 at 4 fps x 8 tpf, 58.3 at 2 fps x 32 tpf; 4 tpf 21.5-50.5
+        "paper": {},  # a figure in the paper: best 58.6 at 4 fps x 8 tpf, 58.3 at 2 fps x 32; 4 tpf 21.5-50.5
     },
     "encoders": {
         "what": "image / video / both encoders; SigLIP vs CLIP vs masked-video pretraining vs none (§4.2)",

@@ -222,6 +222,12 @@ def model_config(cfg, vocab_size):
         vision=cfg.vision)
 
 
+def world_config(cfg, **changes):
+    return WorldConfig(**{**dict(seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
+                                 questions_per_video=cfg.questions_per_video, min_seconds=cfg.min_seconds,
+                                 max_seconds=cfg.max_seconds), **changes})
+
+
 def pick_device(name):
     if name != "auto":
         return torch.device(name)
@@ -244,12 +250,18 @@ def decode_video(path, cfg):
         frames, times = sample_uniform(path, cfg.num_frames)
         t = times.reshape(-1, cfg.frames_per_clip)
         clips = list(zip(t[:, 0].tolist(), t[:, -1].tolist()))
-    frames = torch.from_numpy(frames)  # (C*T, H, W, 3)
     S = cfg.image_size
-    if frames.shape[1:3] != (S, S):  # a user's big video: keep only what the model will see
-        x = F.interpolate(frames.permute(0, 3, 1, 2).float(), size=(S, S), mode="bilinear", antialias=True)
+    return at_model_size(frames, S).reshape(len(clips), cfg.frames_per_clip, S, S, 3).contiguous(), clips
+
+
+def at_model_size(frames, size):
+    """uint8 frames (N, H, W, 3), numpy or torch -> torch (N, size, size, 3): a user's big video keeps only what
+    the model will see."""
+    frames = torch.as_tensor(frames)
+    if frames.shape[1:3] != (size, size):
+        x = F.interpolate(frames.permute(0, 3, 1, 2).float(), size=(size, size), mode="bilinear", antialias=True)
         frames = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-    return frames.reshape(len(clips), cfg.frames_per_clip, S, S, 3).contiguous(), clips
+    return frames
 
 
 def decode_named(path, cfg):
@@ -574,28 +586,38 @@ def pretrain_encoders(model, world, tok, cfg, env, cache):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, cfg, env):
-    """Accuracy of the model's letter choices on multiple-choice items, overall and per category."""
+def predict(model, dataset, cfg, env):
+    """The model's choice (0-based option) on each multiple-choice item of dataset."""
     model.eval()
-    right = []
+    choices = []
     for lo in range(0, len(dataset), cfg.eval_batch_size):
         batch = to_device(collate([dataset[i] for i in range(lo, min(lo + cfg.eval_batch_size, len(dataset)))]),
                           env["device"])
         with env["autocast"]():
-            choice = answer_mc(model, batch["ids"], batch["lengths"], batch["frames"], batch["n_options"]).cpu()
-        right += [int(c) == ord(dataset.items[lo + k]["answer"]) - 65 for k, c in enumerate(choice)]
+            choices += answer_mc(model, batch["ids"], batch["lengths"], batch["frames"], batch["n_options"]).tolist()
     model.train()
+    return choices
 
-    def score(keep):
-        rows = [(it["category"], r) for it, r in zip(dataset.items, right) if keep(it)]
+
+def score(items, right):
+    """Accuracy overall and per category (items' "category"; right: one bool per item): the headline leaves the
+    shortcut questions out, "with_shortcuts" counts them all."""
+    def part(keep):
+        rows = [(it["category"], r) for it, r in zip(items, right) if keep(it)]
         cats = sorted({c for c, _ in rows}, key=lambda c: CATEGORIES.index(c) if c in CATEGORIES else 99)
         return {"overall": round(float(np.mean([r for _, r in rows])), 4) if rows else None,
                 "categories": {c: round(float(np.mean([r for k, r in rows if k == c])), 4) for c in cats},
-                "n": len(rows), "chance": round(float(np.mean([1 / it["n_options"] for it in dataset.items])), 4)}
+                "n": len(rows), "chance": round(float(np.mean([1 / it["n_options"] for it in items])), 4)}
 
-    result = score(lambda it: not it.get("shortcut"))
-    result["with_shortcuts"] = score(lambda it: True)
+    result = part(lambda it: not it.get("shortcut"))
+    result["with_shortcuts"] = part(lambda it: True)
     return result
+
+
+def evaluate(model, dataset, cfg, env):
+    """Accuracy of the model's letter choices on multiple-choice items, overall and per category."""
+    choices = predict(model, dataset, cfg, env)
+    return score(dataset.items, [c == ord(it["answer"]) - 65 for c, it in zip(choices, dataset.items)])
 
 
 LM_KEYS = ["lm_dim", "lm_layers", "lm_heads", "vocab_size"]
@@ -701,9 +723,7 @@ def main(argv):
 def run(cfg, env):
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
-    world_cfg = WorldConfig(seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
-                            questions_per_video=cfg.questions_per_video, min_seconds=cfg.min_seconds,
-                            max_seconds=cfg.max_seconds)
+    world_cfg = world_config(cfg)
     if env["main"]:  # under torchrun, process 0 makes the world, the tokenizer and the files; the rest wait
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:

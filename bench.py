@@ -1,0 +1,278 @@
+"""
+ApolloBench in miniature (Apollo §2): evaluate a model three ways, and build a benchmark that needs the video.
+
+    python bench.py eval --ckpt=out/sft.pt                          # our test split: video, centre frame, text only
+    python bench.py eval --ckpt=out/sft.pt --jsonl=my/test.jsonl    # a user's multiple-choice JSONL
+    python bench.py build --zoo=results/runs --pool_videos=300 --top=30
+
+`build` asks every model of a zoo (each folder under --zoo holding a trained sft.pt) every question of a fresh
+candidate pool (a world of its own seed, new to every model) three ways: with the video, with the centre
+frame only (repeated to fill one clip, the way the paper feeds images), and with the text alone (no visual
+tokens). Then, as the paper did:
+  1. drop a question that more than --text_max of the models answer right from the text alone, or more than
+     --frame_max from one frame: it does not test video understanding;
+  2. drop one that more than --easy_max answer right with the video: it tells no model from another;
+  3. rank the rest by the entropy of the models' answers (most disagreement first), keep --top per category.
+It writes the benchmark (JSONL, video paths relative to it) and a report: what each rule removed per
+category, how many of the world's planted shortcuts were caught, the cost of the benchmark against the pool,
+the spread of the zoo's scores, and the Spearman correlation of the zoo's ranking on both.
+The filter is a set of small pure functions over a (models x questions x modes) matrix, tested on hand-made ones.
+"""
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import train
+from data import load_jsonl, make_world, write_jsonl
+from sampling import sample_uniform
+
+MODES = ["video", "frame", "text"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Asking a model in three modes
+
+
+class ModeSamples(train.Samples):
+    """Samples whose visual input is the video (as in training), its centre frame only, or nothing."""
+
+    def __init__(self, items, tok, cfg, tokens_per_clip, mode):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        items = [dict(it, video=None) for it in items] if mode == "text" else items
+        super().__init__(items, tok, cfg, tokens_per_clip)
+        self.mode = mode
+
+    def clips_of(self, path):
+        if self.mode != "frame":
+            return super().clips_of(path)
+        if path not in self.frames:  # one clip: the centre frame, repeated (the paper's path for an image)
+            frame, (t,) = sample_uniform(path, 1)
+            frame = train.at_model_size(frame, self.cfg.image_size)  # (1, S, S, 3)
+            self.frames[path] = (frame[None].expand(1, self.cfg.frames_per_clip, *frame.shape[1:]).contiguous(),
+                                 [(float(t), float(t))])
+        return self.frames[path]
+
+
+def load_run(ckpt, device="auto"):
+    """A trained model from its checkpoint and the run's config.json and tokenizer.json beside it."""
+    run_dir = os.path.dirname(os.path.abspath(ckpt))
+    with open(os.path.join(run_dir, "config.json")) as f:
+        saved = json.load(f)
+    known = {f.name for f in dataclasses.fields(train.Config)}
+    cfg = train.Config(**{k: v for k, v in saved.items() if k in known})
+    cfg = dataclasses.replace(cfg, device=device, out_dir=run_dir)
+    env = train.setup(cfg)
+    tok = train.Tokenizer.load(os.path.join(run_dir, "tokenizer.json"))
+    model = train.Apollo(train.model_config(cfg, tok.vocab_size))
+    model.load_state_dict(train.load_checkpoint(ckpt, cfg)["model"])
+    return model.to(env["device"]), tok, cfg, env
+
+
+def ask(model, tok, cfg, env, items, mode):
+    """The model's choice on each item in one mode: a list of 0-based options."""
+    return train.predict(model, ModeSamples(items, tok, cfg, model.tokens_per_clip, mode), cfg, env)
+
+
+def mc_items(jsonl):
+    """Multiple-choice items of a JSONL file (ours or a user's), videos relative to it."""
+    root = os.path.dirname(os.path.abspath(jsonl))
+    return [dict(train.mc_item(q, root), eval=True, id=q.get("id")) for q in load_jsonl(jsonl)]
+
+
+def evaluate_modes(ckpt, jsonl=None, modes=MODES, device="auto"):
+    model, tok, cfg, env = load_run(ckpt, device)
+    if jsonl is None:
+        jsonl = os.path.join(make_world(train.world_config(cfg), cfg.data_dir, log=lambda *a: None), "test.jsonl")
+    items = mc_items(jsonl)
+    out = {"ckpt": ckpt, "jsonl": jsonl}
+    for mode in modes:
+        choices = ask(model, tok, cfg, env, items, mode)
+        out[mode] = train.score(items, [c == ord(it["answer"]) - 65 for c, it in zip(choices, items)])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The filter: pure functions over right (models, questions, modes) bool and choices (models, questions) int
+
+
+def blind_rules(right, text_max=0.5, frame_max=0.5):
+    """Questions too many models answer right without the video: {"text": mask, "frame": mask} over questions."""
+    return {"text": right[:, :, MODES.index("text")].mean(0) > text_max,
+            "frame": right[:, :, MODES.index("frame")].mean(0) > frame_max}
+
+
+def easy_rule(right, easy_max=0.9):
+    """Questions that more than easy_max of the models answer right with the video."""
+    return right[:, :, MODES.index("video")].mean(0) > easy_max
+
+
+def answer_entropy(choices, n_options):
+    """Entropy (bits) of the models' answers to each question: 0 when all agree, log2(n) at most."""
+    out = np.zeros(choices.shape[1])
+    for q in range(choices.shape[1]):
+        p = np.bincount(choices[:, q], minlength=int(n_options[q])) / choices.shape[0]
+        p = p[p > 0]
+        out[q] = float(-(p * np.log2(p)).sum())
+    return out
+
+
+def select_top(entropy, categories, keep, top):
+    """Indices of the kept questions with the highest entropy, top per category (ties: the earlier question)."""
+    chosen = []
+    for c in sorted(set(categories)):
+        idx = [q for q in range(len(categories)) if categories[q] == c and keep[q]]
+        chosen += sorted(idx, key=lambda q: (-entropy[q], q))[:top]
+    return sorted(chosen)
+
+
+def ranks(x):
+    """Ranks 1..n of x, ties sharing their mean rank."""
+    x = np.asarray(x, float)
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(1, len(x) + 1)
+    for v in np.unique(x):
+        r[x == v] = r[x == v].mean()
+    return r
+
+
+def spearman(a, b):
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def recall_precision(caught, marked):
+    """How many of the marked (planted) questions were caught, and how many caught ones were marked."""
+    caught, marked = np.asarray(caught, bool), np.asarray(marked, bool)
+    hits = (caught & marked).sum()
+    return (float(hits / marked.sum()) if marked.sum() else float("nan"),
+            float(hits / caught.sum()) if caught.sum() else float("nan"))
+
+
+def build(right, choices, items, text_max=0.5, frame_max=0.5, easy_max=0.9, top=30):
+    """The whole filter: which questions it keeps and the report's figures."""
+    categories = [it["category"] for it in items]
+    blind = blind_rules(right, text_max, frame_max)
+    easy = easy_rule(right, easy_max)
+    keep = ~blind["text"] & ~blind["frame"] & ~easy
+    entropy = answer_entropy(choices, np.array([it["n_options"] for it in items]))
+    chosen = select_top(entropy, categories, keep, top)
+    removed = {c: {"pool": categories.count(c),
+                   "text": int(sum(blind["text"][q] for q in range(len(items)) if categories[q] == c)),
+                   "frame": int(sum(blind["frame"][q] & ~blind["text"][q] for q in range(len(items))
+                                    if categories[q] == c)),
+                   "easy": int(sum(easy[q] & ~blind["text"][q] & ~blind["frame"][q] for q in range(len(items))
+                                   if categories[q] == c)),
+                   "kept": sum(1 for q in chosen if categories[q] == c)} for c in sorted(set(categories))}
+    recall, precision = recall_precision(blind["text"] | blind["frame"], [bool(it.get("shortcut")) for it in items])
+    video = right[:, :, MODES.index("video")]
+    on_pool, on_bench = video.mean(1), video[:, chosen].mean(1) if chosen else np.full(len(video), np.nan)
+    return chosen, {"removed": removed, "shortcut_recall": recall, "shortcut_precision": precision,
+                    "pool_questions": len(items), "bench_questions": len(chosen),
+                    "zoo_on_pool": on_pool.tolist(), "zoo_on_bench": on_bench.tolist(),
+                    "spread_pool": float(on_pool.std()), "spread_bench": float(on_bench.std()),
+                    "spearman": spearman(on_pool, on_bench)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The commands
+
+
+def find_zoo(roots, stages=("sft",)):
+    """Checkpoints under the roots: every <stage>.pt beside a config.json, sorted."""
+    found = []
+    for root in roots:
+        for folder, _, files in os.walk(root):
+            if "config.json" in files:
+                found += [os.path.join(folder, f"{s}.pt") for s in stages if f"{s}.pt" in files]
+    return sorted(found)
+
+
+def run_build(opts, log=print):
+    zoo = find_zoo(opts["zoo"].split(","), opts.get("stages", "sft").split(","))
+    if len(zoo) < 2:
+        raise SystemExit(f"error: found {len(zoo)} trained models under {opts['zoo']}; the filter needs a zoo")
+    out = opts.get("out", "results/bench")
+    _, _, cfg0, _ = load_run(zoo[0], "cpu")
+    pool_cfg = train.world_config(cfg0, seed=int(opts.get("pool_seed", 1000)), n_train=0, n_val=0,
+                                  n_test=int(opts.get("pool_videos", 300)))
+    world = make_world(pool_cfg, cfg0.data_dir)
+    items = mc_items(os.path.join(world, "test.jsonl"))
+    right = np.zeros((len(zoo), len(items), len(MODES)), bool)
+    choices = np.zeros((len(zoo), len(items)), int)
+    seconds = np.zeros(len(zoo))
+    for m, ckpt in enumerate(zoo):
+        model, tok, cfg, env = load_run(ckpt, opts.get("device", "auto"))
+        for k, mode in enumerate(MODES):
+            t0 = time.perf_counter()
+            picked = ask(model, tok, cfg, env, items, mode)
+            if mode == "video":
+                seconds[m], choices[m] = time.perf_counter() - t0, picked
+            right[m, :, k] = [c == ord(it["answer"]) - 65 for c, it in zip(picked, items)]
+        log(f"{ckpt}: video {right[m, :, 0].mean():.3f} frame {right[m, :, 1].mean():.3f} "
+            f"text {right[m, :, 2].mean():.3f}")
+    chosen, rep = build(right, choices, items, float(opts.get("text_max", 0.5)), float(opts.get("frame_max", 0.5)),
+                        float(opts.get("easy_max", 0.9)), int(opts.get("top", 30)))
+    rep["zoo"] = zoo
+    rep["cost_ratio"] = len(items) / max(1, len(chosen))  # evaluation time scales with the questions asked
+    rep["zoo_video_seconds_on_pool"] = float(seconds.sum())
+    os.makedirs(out, exist_ok=True)
+    qs = {q["id"]: q for q in load_jsonl(os.path.join(world, "test.jsonl"))}
+    rows = [dict(qs[items[q]["id"]], video=os.path.relpath(items[q]["video"], out)) for q in chosen]
+    write_jsonl(os.path.join(out, "bench.jsonl"), rows)
+    np.savez(os.path.join(out, "answers.npz"), right=right, choices=choices)
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(rep, f, indent=1)
+    log(report_text(rep))
+    return rep
+
+
+def report_text(rep):
+    lines = ["| category | pool | removed: text | removed: one frame | removed: easy | kept |",
+             "|---|---|---|---|---|---|"]
+    for c, r in rep["removed"].items():
+        lines.append(f"| {c} | {r['pool']} | {r['text']} | {r['frame']} | {r['easy']} | {r['kept']} |")
+    lines += ["", f"planted shortcuts caught: recall {rep['shortcut_recall']:.2f}, precision "
+              f"{rep['shortcut_precision']:.2f}",
+              f"questions: pool {rep['pool_questions']}, benchmark {rep['bench_questions']} "
+              f"({rep['cost_ratio']:.1f}x cheaper to evaluate)",
+              f"spread (std) of the zoo's scores: pool {rep['spread_pool']:.3f}, benchmark {rep['spread_bench']:.3f}",
+              f"Spearman correlation of the zoo's ranking, benchmark vs pool: {rep['spearman']:.3f}"]
+    return "\n".join(lines)
+
+
+def main(argv):
+    if not argv or argv[0] not in ("eval", "build"):
+        print(__doc__)
+        return None
+    opts = dict(a[2:].partition("=")[::2] for a in argv[1:] if a.startswith("--"))
+    if argv[0] == "eval":
+        if "ckpt" not in opts:
+            raise SystemExit("error: bench.py eval needs --ckpt=PATH (a run's sft.pt)")
+        result = evaluate_modes(opts["ckpt"], opts.get("jsonl"), opts.get("modes", ",".join(MODES)).split(","),
+                                opts.get("device", "auto"))
+        for mode in MODES:
+            if mode in result:
+                r = result[mode]
+                cats = " ".join(f"{k} {v:.3f}" for k, v in r["categories"].items())
+                print(f"{mode:>5}: {r['overall']:.3f} (chance {r['chance']:.2f}, n={r['n']}) | {cats}")
+        if "json" in opts:
+            with open(opts["json"], "w") as f:
+                json.dump(result, f, indent=1)
+        return result
+    if "zoo" not in opts:
+        raise SystemExit("error: bench.py build needs --zoo=DIR[,DIR...] (folders of trained runs)")
+    return run_build(opts)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main(sys.argv[1:])

@@ -1,0 +1,73 @@
+"""bench.py: the filter's pure functions on hand-made matrices, and a model asked in three modes.
+
+    pytest tests/test_bench.py
+"""
+import numpy as np
+import pytest
+import torch
+
+import bench
+import train
+from integrate import VIDEO
+
+V, F, T = 0, 1, 2  # the modes' columns: video, frame, text
+
+
+def matrix(rows):
+    """rows: per model, a string per question of three characters (video, frame, text), 1 = right."""
+    return np.array([[[c == "1" for c in q] for q in m.split()] for m in rows], bool)
+
+
+def test_blind_and_easy_rules():
+    # 4 models x 4 questions; q0 right from text by 3 of 4, q1 from one frame by 3 of 4, q2 right with video by all,
+    # q3 right with video by half, never without it
+    right = matrix(["101 110 100 100", "101 110 100 100", "101 110 100 000", "000 000 100 000"])
+    blind = bench.blind_rules(right, text_max=0.5, frame_max=0.5)
+    assert blind["text"].tolist() == [True, False, False, False]
+    assert blind["frame"].tolist() == [False, True, False, False]
+    assert bench.easy_rule(right, easy_max=0.9).tolist() == [False, False, True, False]
+    assert bench.blind_rules(right, text_max=0.75, frame_max=0.8)["text"].tolist() == [False] * 4  # 3/4 is not > 3/4
+
+
+def test_entropy_selection_and_ranking():
+    choices = np.array([[0, 0, 1, 2], [0, 1, 1, 3], [0, 2, 1, 0], [0, 3, 1, 1]])  # 4 models x 4 questions
+    h = bench.answer_entropy(choices, np.array([4, 4, 4, 4]))
+    assert h.tolist() == pytest.approx([0.0, 2.0, 0.0, 2.0])  # all agree: 0 bits; all differ: log2(4)
+    assert bench.answer_entropy(np.array([[0], [0], [1], [1]]), np.array([4])).tolist() == pytest.approx([1.0])
+    keep = np.array([True, True, True, False])
+    assert bench.select_top(h, ["a", "a", "b", "b"], keep, top=1) == [1, 2]  # q3 dropped by keep
+    assert bench.select_top(h, ["a", "a", "a", "a"], np.ones(4, bool), top=2) == [1, 3]
+    assert bench.ranks([10, 30, 20, 20]).tolist() == [1, 4, 2.5, 2.5]
+    assert bench.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert bench.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert bench.recall_precision([1, 1, 0, 0], [1, 0, 1, 0]) == (0.5, 0.5)
+
+
+def test_build_on_a_known_matrix():
+    """Six questions, two categories: the text shortcut and the frame shortcut go, the easy one goes, and of the
+    rest the most disputed one per category stays."""
+    right = matrix(["111 100 101 100 100 100", "111 110 101 100 000 100", "101 110 101 100 000 000"])
+    choices = np.array([[0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0], [1, 1, 0, 0, 2, 1]])
+    items = [{"category": c, "n_options": 4, "shortcut": s} for c, s in
+             [("a", "text"), ("a", "frame"), ("b", None), ("a", None), ("b", None), ("b", None)]]
+    chosen, rep = bench.build(right, choices, items, text_max=0.5, frame_max=0.5, easy_max=0.9, top=1)
+    # q0 text (3/3 right without video), q1 frame (2/3), q2 text too (3/3); q3 easy (all right with video)
+    assert chosen == [4]  # b: q4 (3 different answers) beats q5; a: nothing left
+    assert rep["removed"]["a"] == {"pool": 3, "text": 1, "frame": 1, "easy": 1, "kept": 0}
+    assert rep["removed"]["b"] == {"pool": 3, "text": 1, "frame": 0, "easy": 0, "kept": 1}
+    assert rep["shortcut_recall"] == 1.0 and rep["shortcut_precision"] == pytest.approx(2 / 3)
+
+
+def test_a_model_asked_in_three_modes(tmp_path, tiny_world):
+    world, _ = tiny_world
+    out = tmp_path / "run"
+    train.main(["--preset=smoke", f"--out_dir={out}", f"--data_dir={tmp_path / 'data'}"])
+    model, tok, cfg, env = bench.load_run(str(out / "sft.pt"), "cpu")
+    items = bench.mc_items(f"{world}/test.jsonl")
+    frame = bench.ModeSamples(items, tok, cfg, model.tokens_per_clip, "frame")[0]
+    assert frame["frames"].shape[0] == 1 and torch.equal(frame["frames"][0, 0], frame["frames"][0, -1])
+    text = bench.ModeSamples(items, tok, cfg, model.tokens_per_clip, "text")[0]
+    assert text["frames"] is None and VIDEO not in text["ids"]  # no visual tokens at all
+    result = bench.evaluate_modes(str(out / "sft.pt"), f"{world}/test.jsonl", device="cpu")
+    for mode in bench.MODES:
+        assert result[mode]["with_shortcuts"]["n"] == len(items) and 0 <= result[mode]["overall"] <= 1
