@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 import av
 import numpy as np
 
+from sampling import FONT
+
 CATEGORIES = ["temporal_ocr", "egocentric", "spatial", "perception", "reasoning"]
 LETTERS = "ABCD"
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 255), "yellow": (240, 220, 40),
@@ -31,12 +33,7 @@ RELATIONS = ["left of", "right of", "above", "below"]
 COUNTS = ["0", "1", "2", "3", "4"]
 ABSURD = ["a banana", "the moon", "a violin", "Tuesday", "a whale", "nobody", "a teapot", "the ocean"]
 PHYS_HZ = 100  # the physics is stepped at 100 Hz, whatever the video's frame rate
-FONT = {  # 3x5 bitmaps, one string of 3 bits per row
-    "0": "111 101 101 101 111", "1": "010 110 010 010 111", "2": "111 001 111 100 111", "3": "111 001 111 001 111",
-    "4": "101 101 111 001 001", "5": "111 100 111 001 111", "6": "111 100 111 101 111", "7": "111 001 001 010 010",
-    "8": "111 101 111 101 111", "9": "111 101 111 001 111", "A": "010 101 111 101 101", "C": "111 100 100 100 111",
-    "E": "111 100 111 100 111", "H": "101 101 111 101 101", "L": "100 100 100 100 111", "P": "111 101 111 100 100",
-    "T": "111 010 010 010 010", "U": "101 101 101 101 111", "X": "101 101 010 101 101"}
+GLYPHS = "0123456789ACEHLPTUX"  # the characters that flash in the videos (bitmaps: sampling.FONT)
 
 
 class DataError(ValueError):
@@ -97,7 +94,7 @@ def make_scene(rng, cfg, name):
         obj["bounces"] = [round(t, 2) for t in simulate(obj, duration, cfg.size)[1]]
         objects.append(obj)
     glyphs, t = [], float(rng.uniform(0.2, 1.0))
-    chars = rng.permutation(list(FONT))
+    chars = rng.permutation(list(GLYPHS))
     for c in chars[: int(rng.choice(5, p=[0.1, 0.15, 0.3, 0.3, 0.15]))]:
         length = float(rng.uniform(1.2, 2.0))
         if t + length > duration - 0.2:
@@ -260,7 +257,7 @@ def reading_drills(rng, n):
     """n text-only drills, "Which option is blue?" among four options of one kind: they teach a from-scratch LM
     to find a word among the options and copy its letter (an induction step) before it must also work out the
     word from a caption or a video. Pretrained LMs bring this skill; ours learns it here, in the lm stage."""
-    pools = [list(COLORS), SHAPES, list(DIRECTIONS), RELATIONS, COUNTS, list(FONT), ABSURD]
+    pools = [list(COLORS), SHAPES, list(DIRECTIONS), RELATIONS, COUNTS, list(GLYPHS), ABSURD]
     drills = []
     for _ in range(n):
         pool = pools[int(rng.integers(len(pools)))]
@@ -273,7 +270,7 @@ def questions_for(scene, rng):
     """Every question this scene supports, by category."""
     D, size, objs, glyphs = scene["duration"], scene["size"], scene["objects"], scene["glyphs"]
     chars = [g["char"] for g in glyphs]
-    other_chars = first_of(chars, rng.permutation(list(FONT)))
+    other_chars = first_of(chars, rng.permutation(list(GLYPHS)))
     qs = {c: [] for c in CATEGORIES}
     if len(glyphs) >= 2:
         qs["temporal_ocr"].append(mc(rng, "temporal_ocr", "first_char", "Which character appeared first?",

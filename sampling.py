@@ -12,9 +12,20 @@ two passes: the first reads only the packets' timestamps (cheap), the second dec
 needed and converts to RGB only the frames chosen. Anything unreadable raises VideoError naming the file.
 """
 import math
+import os
+import sys
 
 import av
 import numpy as np
+
+
+FONT = {  # 3x5 bitmaps, one string of 3 bits per row: the contact sheet's labels and the world's glyphs (data.py)
+    "0": "111 101 101 101 111", "1": "010 110 010 010 111", "2": "111 001 111 100 111", "3": "111 001 111 001 111",
+    "4": "101 101 111 001 001", "5": "111 100 111 001 111", "6": "111 100 111 101 111", "7": "111 001 001 010 010",
+    "8": "111 101 111 101 111", "9": "111 101 111 001 111", "A": "010 101 111 101 101", "C": "111 100 100 100 111",
+    "E": "111 100 111 100 111", "H": "101 101 111 101 101", "L": "100 100 100 100 111", "P": "111 101 111 100 100",
+    "T": "111 010 010 010 010", "U": "101 101 101 101 111", "X": "101 101 010 101 101",
+    ".": "000 000 000 000 010"}
 
 
 class VideoError(RuntimeError):
@@ -118,3 +129,67 @@ def sample_fps(path, fps, frames_per_clip, max_clips):
     clip_len = frames_per_clip / fps
     clips = [(float(max(s, 0.0)), float(min(s + clip_len, duration))) for s in starts]
     return frames, times, clips
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the model saw: a contact sheet of the sampled frames, each labelled with its time in seconds
+
+
+def label(text, scale=2):
+    """text (digits and '.') in the 3x5 font -> a bool mask (5 * scale, 4 * scale * len(text))."""
+    glyphs = [np.array([[c == "1" for c in row] for row in FONT[ch].split()]) for ch in text]
+    spaced = np.concatenate([np.pad(g, ((0, 0), (0, 1))) for g in glyphs], axis=1)  # (5, 4 * len)
+    return np.kron(spaced, np.ones((scale, scale), bool))
+
+
+def contact_sheet(frames, times, cols, scale=2):
+    """frames (T, H, W, 3) uint8 and their times -> one uint8 image: the frames scale times bigger, cols to a
+    row (a clip per row for fps sampling), each with its time in white on a dark strip beneath it."""
+    T, H, W, _ = frames.shape
+    h, w, strip = H * scale, W * scale, 7 * scale
+    rows = math.ceil(T / cols)
+    sheet = np.full((rows * (h + strip), cols * w, 3), 20, np.uint8)
+    for i, (frame, t) in enumerate(zip(frames, times)):
+        y, x = (i // cols) * (h + strip), (i % cols) * w
+        sheet[y:y + h, x:x + w] = frame.repeat(scale, 0).repeat(scale, 1)
+        mask = label(f"{t:.2f}", scale)[:, : w - 2 * scale]
+        sheet[y + h + scale:y + h + scale + mask.shape[0], x + scale:x + scale + mask.shape[1]][mask] = 255
+    return sheet
+
+
+def write_png(path, image):
+    """An (H, W, 3) uint8 image as PNG, through PyAV's encoder (no imaging library needed)."""
+    with av.open(str(path), mode="w", format="image2") as container:
+        stream = container.add_stream("png")
+        stream.width, stream.height, stream.pix_fmt = image.shape[1], image.shape[0], "rgb24"
+        for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def main(argv):
+    """python sampling.py VIDEO [--fps=1 --frames_per_clip=4 --max_clips=4 | --uniform=16] [--out=sheet.png]"""
+    opts = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
+    paths = [a for a in argv if not a.startswith("--")]
+    if len(paths) != 1:
+        raise SystemExit(main.__doc__)
+    if "uniform" in opts:
+        frames, times = sample_uniform(paths[0], int(opts["uniform"]))
+        cols, what = min(8, len(frames)), f"{len(frames)} frames uniformly"
+    else:
+        fps, per_clip = float(opts.get("fps", 1)), int(opts.get("frames_per_clip", 4))
+        frames, times, clips = sample_fps(paths[0], fps, per_clip, int(opts.get("max_clips", 4)))
+        cols, what = per_clip, f"{len(clips)} clips of {per_clip} frames at {fps:g} fps: " + \
+            ", ".join(f"{a:.2f}-{b:.2f} s" for a, b in clips)
+    out = opts.get("out", os.path.splitext(os.path.basename(paths[0]))[0] + "_sheet.png")
+    write_png(out, contact_sheet(frames, times, cols, int(opts.get("scale", 2))))
+    print(f"{paths[0]}: {what}\nframe times (s): {' '.join(f'{t:.2f}' for t in times)}\nwrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except VideoError as e:
+        sys.exit(f"error: {e}")

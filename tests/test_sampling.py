@@ -5,6 +5,7 @@
 import os
 import shutil
 import subprocess
+import sys
 from fractions import Fraction
 
 import av
@@ -133,3 +134,25 @@ def test_video_from_an_independent_encoder(tmp_path):
     assert [int(f[16, 16, 0] > f[16, 16, 2]) for f in frames] == [1, 1, 0, 0]  # red, red, blue, blue
     frames, times, clips = sample_fps(path, fps=4, frames_per_clip=4, max_clips=8)
     assert len(clips) == 2 and np.all(np.diff(times) > 0) and times[0] < 0.2
+
+
+def test_contact_sheet_shows_the_sampled_frames_with_their_times(tiny_world, tmp_path):
+    """`python sampling.py VIDEO` writes a PNG: each cell is a sampled frame (twice the size), labelled with its
+    time in white; the PNG decodes back to exactly that image."""
+    import sampling
+    world, _ = tiny_world
+    video = os.path.join(world, load_jsonl(os.path.join(world, "train.jsonl"))[0]["video"])
+    out = str(tmp_path / "sheet.png")
+    assert sampling.main([video, "--fps=1", "--frames_per_clip=4", "--max_clips=2", f"--out={out}"]) == out
+    frames, times, clips = sample_fps(video, 1, 4, 2)
+    with av.open(out) as c:
+        sheet = next(c.decode(video=0)).to_ndarray(format="rgb24")
+    np.testing.assert_array_equal(sheet, sampling.contact_sheet(frames, times, 4))
+    H, W = frames.shape[1:3]
+    assert sheet.shape == (len(clips) * (2 * H + 14), 4 * 2 * W, 3)
+    np.testing.assert_array_equal(sheet[:2 * H, 2 * W:4 * W], frames[1].repeat(2, 0).repeat(2, 1))
+    strip = sheet[2 * H:2 * H + 14, :2 * W]
+    assert (strip == 255).all(-1).sum() == sampling.label(f"{times[0]:.2f}").sum()  # the label, pixel for pixel
+    run = subprocess.run([sys.executable, "sampling.py", str(tmp_path / "missing.mp4")], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode != 0 and "missing.mp4: no such file" in run.stderr and "Traceback" not in run.stderr
