@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from encoders import EncoderConfig, ImageEncoder, VideoEncoder, fuse_grids, preprocess
-from integrate import ANSWER_SEP, IGNORE, VIDEO
+from integrate import ANSWER_SEP, EOS, IGNORE, VIDEO
 from layers import Block, RMSNorm, causal_mask, rope_tables
 from resampler import Projector, ResamplerConfig, make_resampler
 
@@ -154,6 +154,31 @@ def choose_letters(logits, last, n_options):
     return scores.masked_fill(too_far, float("-inf")).argmax(-1)
 
 
+@torch.no_grad()
+def generate(model, ids, frames=None, max_new=60):
+    """Greedy text after a prompt (ids (1, S)) about a video: the ids the model writes, up to <eos>."""
+    visual = model.encode_video(frames).flatten(0, 1) if frames is not None else None
+    out = []
+    for _ in range(max_new):
+        logits, _ = model(ids, visual=visual)
+        nxt = int(logits[0, -1].argmax())
+        if nxt == EOS:
+            break
+        out.append(nxt)
+        ids = torch.cat([ids, ids.new_tensor([[nxt]])], dim=1)
+    return out
+
+
+def config_from_flat(c, vocab_size):
+    """The ApolloConfig of a run's flat config (train.py's Config, or the dict a checkpoint carries)."""
+    return ApolloConfig(
+        encoder=EncoderConfig(c["image_size"], c["patch_size"], c["vit_dim"], c["vit_layers"], c["vit_heads"]),
+        resampler=ResamplerConfig(c["tokens_per_frame"], c["resampler_layers"], c["lm_heads"],
+                                  c.get("resampler", "perceiver")),
+        lm=LMConfig(vocab_size, c["lm_dim"], c["lm_layers"], c["lm_heads"]), frames_per_clip=c["frames_per_clip"],
+        vision=c.get("vision", "image"))
+
+
 def init_weights(m):
     if isinstance(m, nn.Linear):
         nn.init.normal_(m.weight, std=0.02)
@@ -161,3 +186,61 @@ def init_weights(m):
             nn.init.zeros_(m.bias)
     elif isinstance(m, nn.Embedding):
         nn.init.normal_(m.weight, std=0.02)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Asking a trained model about any video
+
+
+def main(argv):
+    """python apollo.py --ckpt=out/sft.pt VIDEO "question" [--options="red,blue,green,white"]
+
+    Samples the video as the run was trained to (its config travels in the checkpoint), prints the clips and
+    frame times the model looks at, then its choice among the options, or the text it writes without them."""
+    import os
+    import sys
+
+    from integrate import Tokenizer, build_sample, format_mc, video_tokens
+    from sampling import VideoError, sample_fps, sample_uniform
+    opts = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
+    args = [a for a in argv if not a.startswith("--")]
+    if len(args) != 2 or "ckpt" not in opts:
+        sys.exit(main.__doc__)
+    video, question = args
+    if not os.path.exists(opts["ckpt"]):
+        sys.exit(f"error: {opts['ckpt']}: no such checkpoint")
+    ckpt = torch.load(opts["ckpt"], map_location="cpu", weights_only=True)
+    c = ckpt["config"]
+    tok = Tokenizer.load(os.path.join(os.path.dirname(os.path.abspath(opts["ckpt"])), "tokenizer.json"))
+    model = Apollo(config_from_flat(c, tok.vocab_size))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    try:
+        if c["sampling"] == "fps":
+            frames, times, clips = sample_fps(video, c["fps"], c["frames_per_clip"], c["max_clips"])
+        else:
+            frames, times = sample_uniform(video, c["num_frames"])
+            clips = [(float(t[0]), float(t[-1])) for t in times.reshape(-1, c["frames_per_clip"])]
+    except VideoError as e:
+        sys.exit(f"error: {e}")
+    frames = torch.from_numpy(frames).view(len(clips), c["frames_per_clip"], *frames.shape[1:])  # (C, T, H, W, 3)
+    for k, (start, end) in enumerate(clips):
+        shown = times[k * c["frames_per_clip"]:(k + 1) * c["frames_per_clip"]]
+        print(f"clip {k}: {start:.2f}-{end:.2f} s, frames at " + ", ".join(f"{t:.2f}" for t in shown) + " s")
+    ids_of_video = video_tokens(tok, clips, model.tokens_per_clip, c["integration"])
+    if "options" in opts:
+        options = [o.strip() for o in opts["options"].split(",")]
+        ids = build_sample(tok, [(format_mc(question, options), "")], ids_of_video)[0][:-1]
+        choice = int(answer_mc(model, torch.tensor([ids]), torch.tensor([len(ids)]), frames,
+                               torch.tensor([len(options)]))[0])
+        print(f"answer: {options[choice]} ({chr(65 + choice)})")
+        return options[choice]
+    ids = build_sample(tok, [(question.strip() + "\n", "")], ids_of_video)[0][:-1]
+    text = tok.decode(generate(model, torch.tensor([ids]), frames))
+    print(f"answer: {text}")
+    return text
+
+
+if __name__ == "__main__":
+    import sys
+    main(sys.argv[1:])

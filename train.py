@@ -37,11 +37,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from apollo import VISIONS, Apollo, ApolloConfig, LMConfig, answer_mc
+from apollo import VISIONS, Apollo, answer_mc, config_from_flat
 from data import CATEGORIES, DataError, WorldConfig, cpu_count, describe_span, load_jsonl, make_world, reading_drills
-from encoders import EncoderConfig, Pretraining
+from encoders import Pretraining
 from integrate import IGNORE, INTEGRATIONS, PAD, Tokenizer, build_sample, format_mc, mc_answer, video_tokens
-from resampler import RESAMPLERS, ResamplerConfig
+from resampler import RESAMPLERS
 from sampling import VideoError, sample_fps, sample_uniform
 
 STAGES = ["lm", "align", "vision", "sft"]
@@ -215,11 +215,7 @@ def check_config(cfg):
 
 
 def model_config(cfg, vocab_size):
-    return ApolloConfig(
-        encoder=EncoderConfig(cfg.image_size, cfg.patch_size, cfg.vit_dim, cfg.vit_layers, cfg.vit_heads),
-        resampler=ResamplerConfig(cfg.tokens_per_frame, cfg.resampler_layers, cfg.lm_heads, cfg.resampler),
-        lm=LMConfig(vocab_size, cfg.lm_dim, cfg.lm_layers, cfg.lm_heads), frames_per_clip=cfg.frames_per_clip,
-        vision=cfg.vision)
+    return config_from_flat(asdict(cfg), vocab_size)
 
 
 def world_config(cfg, **changes):

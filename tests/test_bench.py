@@ -2,6 +2,10 @@
 
     pytest tests/test_bench.py
 """
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -71,3 +75,17 @@ def test_a_model_asked_in_three_modes(tmp_path, tiny_world):
     result = bench.evaluate_modes(str(out / "sft.pt"), f"{world}/test.jsonl", device="cpu")
     for mode in bench.MODES:
         assert result[mode]["with_shortcuts"]["n"] == len(items) and 0 <= result[mode]["overall"] <= 1
+    # asking the trained model about one video from the command line (apollo.py)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    video = items[0]["video"]
+    run = subprocess.run([sys.executable, "apollo.py", f"--ckpt={out / 'sft.pt'}", video, "What colour is the circle?",
+                          "--options=red,blue,green,white"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "clip 0: 0.00-" in run.stdout and " s, frames at " in run.stdout
+    assert any(f"answer: {c} ({chr(65 + k)})" in run.stdout for k, c in enumerate(["red", "blue", "green", "white"]))
+    free = subprocess.run([sys.executable, "apollo.py", f"--ckpt={out / 'sft.pt'}", video, "Describe the video."],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+    assert free.returncode == 0 and "answer: " in free.stdout
+    bad = subprocess.run([sys.executable, "apollo.py", f"--ckpt={out / 'sft.pt'}", str(tmp_path / "none.mp4"), "Why?"],
+                         cwd=root, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "none.mp4: no such file" in bad.stderr and "Traceback" not in bad.stderr
