@@ -52,8 +52,8 @@ class ModeSamples(train.Samples):
         if self.mode != "frame":
             return super().clips_of(path)
         if path not in self.frames:  # one clip: the centre frame, repeated (the paper's path for an image)
-            frame, (t,) = sample_uniform(path, 1)
-            frame = train.at_model_size(frame, self.cfg.image_size)  # (1, S, S, 3)
+            frame, (t,) = sample_uniform(path, 1, size=self.cfg.image_size)
+            frame = torch.from_numpy(frame)  # (1, S, S, 3)
             self.frames[path] = (frame[None].expand(1, self.cfg.frames_per_clip, *frame.shape[1:]).contiguous(),
                                  [(float(t), float(t))])
         return self.frames[path]

@@ -64,10 +64,12 @@ def open_video(path):
     return container
 
 
-def decode_at(path, plan):
+def decode_at(path, plan, size=None):
     """Frames shown at the times plan(duration) asks for: (T, H, W, 3) uint8 RGB, their true times (T,), duration.
 
     A target time is served by the last frame whose presentation time is <= it (the first frame before it).
+    With size, each chosen frame is scaled to size x size as it is converted (a 4K video then costs what the
+    model sees). A frame with rotation metadata (a phone's portrait video) is turned upright.
     """
     with open_video(path) as container:
         stream = container.streams.video[0]
@@ -81,7 +83,10 @@ def decode_at(path, plan):
         try:
             for frame in container.decode(stream):
                 if frame.pts in wanted:
-                    wanted[frame.pts] = frame.to_ndarray(format="rgb24")
+                    scale = {"width": size, "height": size, "interpolation": "AREA"} if size else {}
+                    img = frame.to_ndarray(format="rgb24", **scale)
+                    wanted[frame.pts] = np.rot90(img, k=round(frame.rotation / 90) % 4).copy() if frame.rotation \
+                        else img
                 if frame.pts is not None and frame.pts >= last:
                     break
         except av.error.FFmpegError as e:
@@ -93,11 +98,11 @@ def decode_at(path, plan):
     return frames, times[idx], end
 
 
-def sample_uniform(path, num_frames):
+def sample_uniform(path, num_frames, size=None):
     """num_frames frames evenly over the video: frames (T, H, W, 3) uint8 and their times (T,) in seconds."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    frames, times, _ = decode_at(path, lambda duration: (np.arange(num_frames) + 0.5) * duration / num_frames)
+    frames, times, _ = decode_at(path, lambda duration: (np.arange(num_frames) + 0.5) * duration / num_frames, size)
     return frames, times
 
 
@@ -111,7 +116,7 @@ def fps_clip_starts(duration, fps, frames_per_clip, max_clips):
     return (np.arange(max_clips) + 0.5) * part - clip_len / 2
 
 
-def sample_fps(path, fps, frames_per_clip, max_clips):
+def sample_fps(path, fps, frames_per_clip, max_clips, size=None):
     """Clips of frames_per_clip frames at `fps`: frames (T, H, W, 3) uint8, times (T,), clips [(start, end)].
 
     T = frames_per_clip * number of clips; clip k holds frames k*frames_per_clip .. (k+1)*frames_per_clip - 1.
@@ -124,7 +129,7 @@ def sample_fps(path, fps, frames_per_clip, max_clips):
         starts = fps_clip_starts(duration, fps, frames_per_clip, max_clips)  # (n_clips,)
         return (starts[:, None] + (np.arange(frames_per_clip)[None, :] + 0.5) / fps).reshape(-1)
 
-    frames, times, duration = decode_at(path, plan)
+    frames, times, duration = decode_at(path, plan, size)
     starts = fps_clip_starts(duration, fps, frames_per_clip, max_clips)
     clip_len = frames_per_clip / fps
     clips = [(float(max(s, 0.0)), float(min(s + clip_len, duration))) for s in starts]

@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from apollo import VISIONS, Apollo, answer_mc, config_from_flat
@@ -123,6 +122,7 @@ class Config:
     text_share: float = 0.15    # share of text-only samples in sft (Apollo: some text is essential)
     grad_accum: int = 1         # micro-batches per step (each process takes batch_size / processes / grad_accum)
     workers: int = -1           # DataLoader worker processes; -1: 0 on CPU, min(4, cores) on CUDA
+    max_bad_share: float = 0.05  # videos that cannot be sampled are skipped with a warning, up to this share
     eval_batch_size: int = 64
     log_every: int = 10
     ckpt_every: int = 100
@@ -240,28 +240,22 @@ def pick_device(name):
 
 def decode_video(path, cfg):
     """(frames (C, T, S, S, 3) uint8 at the model's input size S, clips [(start, end)]) of the video at path."""
+    S = cfg.image_size
     if cfg.sampling == "fps":
-        frames, _, clips = sample_fps(path, cfg.fps, cfg.frames_per_clip, cfg.max_clips)
+        frames, _, clips = sample_fps(path, cfg.fps, cfg.frames_per_clip, cfg.max_clips, size=S)
     else:
-        frames, times = sample_uniform(path, cfg.num_frames)
+        frames, times = sample_uniform(path, cfg.num_frames, size=S)
         t = times.reshape(-1, cfg.frames_per_clip)
         clips = list(zip(t[:, 0].tolist(), t[:, -1].tolist()))
-    S = cfg.image_size
-    return at_model_size(frames, S).reshape(len(clips), cfg.frames_per_clip, S, S, 3).contiguous(), clips
-
-
-def at_model_size(frames, size):
-    """uint8 frames (N, H, W, 3), numpy or torch -> torch (N, size, size, 3): a user's big video keeps only what
-    the model will see."""
-    frames = torch.as_tensor(frames)
-    if frames.shape[1:3] != (size, size):
-        x = F.interpolate(frames.permute(0, 3, 1, 2).float(), size=(size, size), mode="bilinear", antialias=True)
-        frames = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-    return frames
+    return torch.from_numpy(frames).reshape(len(clips), cfg.frames_per_clip, S, S, 3), clips
 
 
 def decode_named(path, cfg):
-    return path, decode_video(path, cfg)
+    """(path, its frames and clips), or (path, the VideoError) for a video that cannot be sampled."""
+    try:
+        return path, decode_video(path, cfg)
+    except VideoError as e:
+        return path, e
 
 
 class Samples(torch.utils.data.Dataset):
@@ -276,18 +270,34 @@ class Samples(torch.utils.data.Dataset):
 
     def clips_of(self, path):
         if path not in self.frames:
-            self.frames[path] = decode_video(path, self.cfg)
+            self.frames[path] = decode_named(path, self.cfg)[1]
+        if isinstance(self.frames[path], VideoError):
+            raise self.frames[path]
         return self.frames[path]
 
-    def warm(self, workers):
-        """Decode every video the items name that the cache lacks, in worker processes when workers > 0, so that
-        DataLoader workers (forked after this) start with the whole cache."""
-        paths = sorted({it["video"] for it in self.items if it.get("video")} - set(self.frames))
-        if workers > 0 and len(paths) > 1:
-            self.frames.update(torch.utils.data.DataLoader(paths, batch_size=None, num_workers=workers,
+    def warm(self, workers, max_bad_share=1.0, log=print):
+        """Decode every video the items name that the cache lacks (in worker processes when workers > 0, so that
+        DataLoader workers forked after this start with the whole cache); drop the items whose video cannot be
+        sampled, with a warning, and return how many videos that was. More than max_bad_share of them bad:
+        TrainingError, naming the first."""
+        paths = sorted({it["video"] for it in self.items if it.get("video")})
+        todo = [p for p in paths if p not in self.frames]
+        if workers > 0 and len(todo) > 1:
+            self.frames.update(torch.utils.data.DataLoader(todo, batch_size=None, num_workers=workers,
                                                            collate_fn=functools.partial(decode_named, cfg=self.cfg)))
-        for p in paths:
-            self.clips_of(p)
+        for p in todo:
+            if p not in self.frames:
+                self.frames[p] = decode_named(p, self.cfg)[1]
+        bad = [p for p in paths if isinstance(self.frames[p], VideoError)]
+        if bad:
+            share = len(bad) / len(paths)
+            if share > max_bad_share:
+                raise TrainingError(f"{len(bad)} of {len(paths)} videos cannot be sampled ({share:.0%}, more than "
+                                    f"--max_bad_share={max_bad_share}); the first: {self.frames[bad[0]]}")
+            for p in bad:
+                log(f"warning: skipping the samples of {self.frames[p]}")
+            self.items = [it for it in self.items if it.get("video") not in set(bad)]
+        return len(bad)
 
     def __len__(self):
         return len(self.items)
@@ -483,11 +493,11 @@ def train_stage(model, stage, dataset, cfg, env):
             with torch.no_grad(), env["autocast"]():
                 grids[path] = model.encode_frames(frames)
         return grids[path]
+    skipped = dataset.warm(env["workers"], cfg.max_bad_share, env["log"])
     kinds = sorted({it.get("kind", "") for it in dataset.items})  # "drill" (lm stage) or "" (the rest)
     pools = [[i for i, it in enumerate(dataset.items) if it.get("kind", "") == k] for k in kinds]
     shares = [cfg.drill_share if k == "drill" else 1 - cfg.drill_share for k in kinds] if len(kinds) > 1 else [1.0]
     seed = cfg.seed * 1000 + (STAGES.index(stage) if stage in STAGES else len(STAGES))
-    dataset.warm(env["workers"])
     order = shard(batches(pools, cfg.batch_size, seed, start, shares), env["rank"], env["world"], cfg.grad_accum)
     loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=collate,
                                               num_workers=env["workers"], pin_memory=env["device"].type == "cuda"))
@@ -534,7 +544,8 @@ def train_stage(model, stage, dataset, cfg, env):
             row = {"stage": stage, "step": step + 1, "loss": round(step_loss.item(), 4),
                    "lr": opt.param_groups[0]["lr"], "tokens_per_s": round(tokens / dt),
                    "ms_per_step": round(1000 * dt / (step + 1 - logged), 1),
-                   "data_wait": round(waited / dt, 4)}  # share of the time spent waiting for batches
+                   "data_wait": round(waited / dt, 4),  # share of the time spent waiting for batches
+                   "skipped_videos": skipped}
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=row["tokens_per_s"], wait=f"{row['data_wait']:.0%}")
             with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -569,6 +580,7 @@ def pretrain_encoders(model, world, tok, cfg, env, cache):
     if not env["main"]:
         return None
     val = Samples(pairs("val", 1), tok, cfg, 0, cache)
+    val.warm(0, cfg.max_bad_share, env["log"])
     batch = to_device(collate([val[i] for i in range(len(val))]), env["device"])
     module.eval()
     result = module.retrieval(batch["pixels"], batch["clip_ids"], batch["frame_ids"])
@@ -762,7 +774,9 @@ def run(cfg, env):
         return None
     test = [dict(mc_item(q, world), eval=True) for q in load_jsonl(f"{world}/test.jsonl")]
     test_cfg = dataclasses.replace(cfg, sampling=cfg.eval_sampling or cfg.sampling)
-    result = evaluate(model, Samples(test, tok, test_cfg, model.tokens_per_clip), cfg, env)
+    test = Samples(test, tok, test_cfg, model.tokens_per_clip)
+    skipped = test.warm(env["workers"], cfg.max_bad_share, env["log"])
+    result = dict(evaluate(model, test, cfg, env), skipped_videos=skipped)
     result["minutes"] = round((time.perf_counter() - t_start) / 60, 2)
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -95,7 +95,7 @@ def test_shorter_video_than_a_clip_repeats_its_last_frame(tmp_path):
     assert len(frames) == 8 and set(np.round(times, 3)) <= {0.0, 0.1, 0.2}
 
 
-@pytest.mark.parametrize("kind", ["missing", "empty", "text", "truncated", "audio"])
+@pytest.mark.parametrize("kind", ["missing", "empty", "text", "truncated", "audio", "zero_frames"])
 def test_unreadable_files_raise_one_clear_error(tmp_path, tiny_world, kind):
     world, _ = tiny_world
     path = tmp_path / f"{kind}.mp4"
@@ -115,9 +115,54 @@ def test_unreadable_files_raise_one_clear_error(tmp_path, tiny_world, kind):
                 c.mux(p)
             for p in s.encode():
                 c.mux(p)
+    elif kind == "zero_frames":  # a video stream that holds not one frame
+        with av.open(str(path), "w") as c:
+            s = c.add_stream("libx264", rate=10)
+            s.width = s.height = 32
+            s.pix_fmt = "yuv420p"
     for call in (lambda: sample_uniform(path, 4), lambda: sample_fps(path, 2, 4, 4)):
         with pytest.raises(VideoError, match=str(path)):
             call()
+
+
+def test_a_huge_video_is_scaled_as_it_is_decoded(tmp_path):
+    path = tmp_path / "uhd.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 3840, 2160, "yuv420p"
+        s.options = {"preset": "ultrafast"}
+        for k in range(4):
+            for p in s.encode(av.VideoFrame.from_ndarray(np.full((2160, 3840, 3), grey(k), np.uint8), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    frames, times = sample_uniform(path, 2, size=64)
+    assert frames.shape == (2, 64, 64, 3) and times.tolist() == pytest.approx([0.1, 0.3])
+    assert np.abs(frames[1].astype(int) - grey(3)).max() < 12
+    assert sample_fps(path, 10, 2, 1)[0].shape == (2, 2160, 3840, 3)  # without size: the video's own
+
+
+def test_rotation_metadata_turns_the_frame_upright(tmp_path):
+    """A phone's portrait video: stored 64x32 with a 90-degree display rotation, shown (and sampled) 32x64."""
+    path = tmp_path / "portrait.mp4"
+    img = np.zeros((32, 64, 3), np.uint8)
+    img[:, :32], img[:16, 32:], img[16:, 32:] = (255, 0, 0), (0, 0, 255), (0, 255, 0)  # red left; blue, green right
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 32, "yuv420p"
+        s.set_display_rotation(90)
+        for _ in range(3):
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    frame = sample_uniform(path, 1)[0][0]
+    assert frame.shape == (64, 32, 3)
+    assert frame[60, 16].argmax() == 0 and frame[2, 4].argmax() == 2 and frame[2, 28].argmax() == 1
+    if FFMPEG:  # an independent decoder, which turns it upright by itself, agrees pixel for pixel
+        raw = subprocess.run([FFMPEG, "-v", "error", "-i", str(path), "-frames:v", "1", "-f", "rawvideo",
+                              "-pix_fmt", "rgb24", "-"], capture_output=True, check=True).stdout
+        np.testing.assert_array_equal(np.frombuffer(raw, np.uint8).reshape(frame.shape), frame)
 
 
 @needs_ffmpeg

@@ -248,3 +248,30 @@ def test_schedules_lm_from_and_eval_sampling(tmp_path):
                     "--lm_dim=48"])
     with pytest.raises(ConfigError, match="--schedule=4"):
         config_from_args(["--schedule=4"])
+
+
+def test_bad_videos_are_skipped_with_a_warning_up_to_a_share(tiny_world, tmp_path):
+    """One of the 12 training videos truncated: skipped with a warning and counted in the metrics when that is
+    within --max_bad_share, a clear TrainingError naming it when it is not."""
+    import shutil
+    world, cfg0 = tiny_world
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    bad = copy / "videos" / "train_00004.mp4"
+    bad.write_bytes(bad.read_bytes()[:300])
+    for share, ok in ((0.2, True), (0.05, False)):
+        out = tmp_path / f"out{share}"
+        _, cfg, tok, env = small_setup((str(copy), cfg0), out, "--align_steps=2", f"--max_bad_share={share}")
+        warnings = []
+        env["log"] = warnings.append
+        model = train.Apollo(train.model_config(cfg, tok.vocab_size))
+        items = train.stage_items("align", str(copy), cfg, np.random.default_rng(0))
+        data = Samples(items, tok, cfg, model.tokens_per_clip)
+        if ok:
+            train.train_stage(model, "align", data, cfg, env)
+            assert len(data.items) == len(items) - 1 and any(str(bad) in w for w in warnings)
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            assert all(r["skipped_videos"] == 1 for r in rows)
+        else:
+            with pytest.raises(train.TrainingError, match=r"1 of 12 videos cannot be sampled .*train_00004.mp4"):
+                train.train_stage(model, "align", data, cfg, env)
