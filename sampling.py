@@ -83,7 +83,8 @@ def decode_at(path, plan, size=None):
         try:
             for frame in container.decode(stream):
                 if frame.pts in wanted:
-                    scale = {"width": size, "height": size, "interpolation": "AREA"} if size else {}
+                    resize = size and (frame.width, frame.height) != (size, size)
+                    scale = {"width": size, "height": size, "interpolation": "AREA"} if resize else {}
                     img = frame.to_ndarray(format="rgb24", **scale)
                     wanted[frame.pts] = np.rot90(img, k=round(frame.rotation / 90) % 4).copy() if frame.rotation \
                         else img
