@@ -63,6 +63,7 @@ class Config:
     preset: str = ""            # smoke | cpu | gpu; empty: gpu on CUDA, cpu elsewhere
     out_dir: str = "out"        # where the run writes config, metrics, checkpoints, eval.json
     data_dir: str = "data"      # where generated worlds are cached
+    data: str = ""              # a folder of your own: videos + train.jsonl and test.jsonl (either format) instead
     device: str = "auto"        # auto | cpu | cuda | mps
     stage: str = "all"          # all, or one of lm, align, vision, sft
     resume: bool = False        # continue an interrupted stage from its last checkpoint
@@ -309,8 +310,9 @@ class Samples(torch.utils.data.Dataset):
             k = item["clip"] % len(clips)
             if (item["video"], k) not in self.captions:  # written from the script once (its physics is slow)
                 (t0, t1), scene = clips[k], item["scene"]
-                self.captions[item["video"], k] = (self.tok.encode(describe_span(scene, t0, t1)),
-                                                   self.tok.encode(describe_span(scene, t0, t0)))
+                texts = (describe_span(scene, t0, t1), describe_span(scene, t0, t0)) if scene else \
+                    (item["caption"], item["caption"])  # a user's video: its caption stands for every clip
+                self.captions[item["video"], k] = tuple(self.tok.encode(x) for x in texts)
             clip_ids, frame_ids = self.captions[item["video"], k]
             return {"pixels": frames[k], "clip_ids": clip_ids, "frame_ids": frame_ids}
         frames, video = None, None
@@ -384,29 +386,50 @@ def conversation_items(questions, root, rng, context=None):
         if context is None:
             items.append({"video": os.path.join(root, video), "turns": turns})
         else:
-            items.append({"video": None, "turns": [(f"Description: {context[video]}\n" + turns[0][0], turns[0][1])]
-                          + turns[1:]})
+            described = f"Description: {context[video]}\n" if video in context else ""
+            items.append({"video": None, "turns": [(described + turns[0][0], turns[0][1])] + turns[1:]})
     return items
 
 
+def split_rows(world, split):
+    """A split's multiple-choice questions and its conversations (captions, instructions): from {split}.jsonl,
+    which may hold both formats (a user's data), and from captions_{split}.jsonl where there is one (our world)."""
+    rows = load_jsonl(f"{world}/{split}.jsonl") if split == "train" or os.path.exists(f"{world}/{split}.jsonl") else []
+    extra = f"{world}/captions_{split}.jsonl"
+    conversations = [r for r in rows if "conversations" in r] + (load_jsonl(extra) if os.path.exists(extra) else [])
+    return [r for r in rows if "conversations" not in r], conversations
+
+
+def turns_of(c):
+    """The (human, gpt) turns of a conversation, the <video> mark taken out of the prompts."""
+    turns, human = [], None
+    for t in c["conversations"]:
+        if t.get("from") in ("human", "user"):
+            human = t["value"].replace("<video>", "").strip() + "\n"
+        elif human is not None:
+            turns.append((human, t["value"]))
+            human = None
+    return turns
+
+
 def caption_item(c, root):
-    human = c["conversations"][0]["value"].replace("<video>", "").strip()
-    return {"video": os.path.join(root, c["video"]), "turns": [(human + "\n", c["conversations"][1]["value"])]}
+    return {"video": os.path.join(root, c["video"]), "turns": turns_of(c)}
 
 
 def stage_items(stage, world, cfg, rng):
-    """The training samples of a stage: what the paper feeds each stage, in our world."""
-    questions, captions = load_jsonl(f"{world}/train.jsonl"), load_jsonl(f"{world}/captions_train.jsonl")
-    context = {c["video"]: c["conversations"][1]["value"] for c in captions}
+    """The training samples of a stage: what the paper feeds each stage, in our world (or a user's data)."""
+    questions, captions = split_rows(world, "train")
+    captions = [c for c in captions if turns_of(c)]
+    context = {c["video"]: turns_of(c)[0][1] for c in captions}
     text_qa = conversation_items(questions, world, rng, context)  # text only: the caption stands for the video
     if stage == "lm":  # plain text: captions (the loss covers the whole text), drills, questions on captions
-        texts = [c["conversations"][1]["value"] for c in captions]
+        texts = [answer for c in captions for _, answer in turns_of(c)]
         drills = [{"kind": "drill", "turns": [(format_mc(q["question"], q["options"]),
                                                 mc_answer(q["options"], q["answer"]))]}
                   for q in reading_drills(rng, cfg.drills)]
         return [{"turns": [("", t)]} for t in texts] + text_qa + drills
-    if stage in ("align", "vision"):
-        return [caption_item(c, world) for c in captions]
+    if stage in ("align", "vision"):  # captions; a user's data without any: its questions
+        return [caption_item(c, world) for c in captions] or conversation_items(questions, world, rng)
     share = 1.0 if cfg.schedule == 1 else cfg.sft_caption_share  # one stage: the captions of all stages
     kept = rng.permutation(len(captions))[: int(round(share * len(captions)))]
     video = conversation_items(questions, world, rng) + [caption_item(captions[i], world) for i in kept]
@@ -569,18 +592,23 @@ def pretrain_encoders(model, world, tok, cfg, env, cache):
         module.load_state_dict(load_checkpoint(done, cfg)["model"])
         env["log"](f"[encoders] reusing {done}")
         return
-    with open(os.path.join(world, "scenes.jsonl")) as f:
-        scenes = {s["name"]: s for s in map(json.loads, f)}
+    scenes = {}  # our world's scripts describe each clip and frame; a user's videos have their captions only
+    if os.path.exists(os.path.join(world, "scenes.jsonl")):
+        with open(os.path.join(world, "scenes.jsonl")) as f:
+            scenes = {s["name"]: s for s in map(json.loads, f)}
 
     def pairs(split, clips_per_video):
-        names = [c["video"] for c in load_jsonl(f"{world}/captions_{split}.jsonl")]
-        return [{"video": os.path.join(world, v), "clip": k, "scene": scenes[os.path.basename(v)[:-4]]}
-                for v in names for k in range(clips_per_video)]
+        return [{"video": os.path.join(world, c["video"]), "clip": k,
+                 "scene": scenes.get(os.path.splitext(os.path.basename(c["video"]))[0]), "caption": turns_of(c)[0][1]}
+                for c in split_rows(world, split)[1] if turns_of(c) for k in range(clips_per_video)]
     train_stage(module, "encoders", Samples(pairs("train", cfg.max_clips), tok, cfg, 0, cache), cfg, env)
     if not env["main"]:
         return None
     val = Samples(pairs("val", 1), tok, cfg, 0, cache)
     val.warm(0, cfg.max_bad_share, env["log"])
+    if not val.items:
+        env["log"](f"[encoders] no val captions in {world}: no retrieval to measure")
+        return None
     batch = to_device(collate([val[i] for i in range(len(val))]), env["device"])
     module.eval()
     result = module.retrieval(batch["pixels"], batch["clip_ids"], batch["frame_ids"])
@@ -707,9 +735,9 @@ def get_tokenizer(cfg, world):
         tok = Tokenizer.load(os.path.join(cfg.lm_from, "tokenizer.json"))
         tok.save(path)
         return tok
-    texts = [c["conversations"][1]["value"] for c in load_jsonl(f"{world}/captions_train.jsonl")]
-    texts += [format_mc(q["question"], q["options"]) + mc_answer(q["options"], q["answer"])
-              for q in load_jsonl(f"{world}/train.jsonl")]
+    questions, conversations = split_rows(world, "train")
+    texts = [answer for c in conversations for _, answer in turns_of(c)]
+    texts += [format_mc(q["question"], q["options"]) + mc_answer(q["options"], q["answer"]) for q in questions]
     tok = Tokenizer.train(texts, cfg.vocab_size)
     tok.save(path)
     return tok
@@ -736,9 +764,9 @@ def run(cfg, env):
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=1)
-        get_tokenizer(cfg, make_world(world_cfg, cfg.data_dir))
+        get_tokenizer(cfg, cfg.data or make_world(world_cfg, cfg.data_dir))
     barrier(env)
-    world = make_world(world_cfg, cfg.data_dir)
+    world = cfg.data or make_world(world_cfg, cfg.data_dir)
     tok = get_tokenizer(cfg, world)
     model = Apollo(model_config(cfg, tok.vocab_size)).to(env["device"])
     env["log"](f"device {env['device']}, bf16 {env['bf16']}, compile {env['compile']}, preset {cfg.preset}, "
@@ -772,7 +800,10 @@ def run(cfg, env):
         train_stage(model, stage, Samples(items, tok, cfg, model.tokens_per_clip, cache), cfg, env)
     if not env["main"]:
         return None
-    test = [dict(mc_item(q, world), eval=True) for q in load_jsonl(f"{world}/test.jsonl")]
+    test = [dict(mc_item(q, world), eval=True) for q in split_rows(world, "test")[0]]
+    if not test:
+        raise DataError(f"{world}/test.jsonl: no multiple-choice questions to score (the file is missing or holds "
+                        "none)")
     test_cfg = dataclasses.replace(cfg, sampling=cfg.eval_sampling or cfg.sampling)
     test = Samples(test, tok, test_cfg, model.tokens_per_clip)
     skipped = test.warm(env["workers"], cfg.max_bad_share, env["log"])

@@ -275,3 +275,44 @@ def test_bad_videos_are_skipped_with_a_warning_up_to_a_share(tiny_world, tmp_pat
         else:
             with pytest.raises(train.TrainingError, match=r"1 of 12 videos cannot be sampled .*train_00004.mp4"):
                 train.train_stage(model, "align", data, cfg, env)
+
+
+def test_a_users_folder_trains_and_evaluates_with_one_flag(tiny_world, tmp_path):
+    """--data=FOLDER: the user's own mp4 files under any names, train.jsonl mixing multiple choice (lmms-eval style)
+    and multi-turn conversations (LLaVA-Video style), test.jsonl multiple choice; no world is generated."""
+    import shutil
+    world, _ = tiny_world
+    user = tmp_path / "mine"
+    (user / "clips").mkdir(parents=True)
+    rows = {split: [] for split in ("train", "test")}
+    for split in rows:
+        for q in train.load_jsonl(f"{world}/{split}.jsonl"):
+            name = "clips/" + q["video"].split("/")[-1].replace("_", "-")
+            if not (user / name).exists():
+                shutil.copy(f"{world}/{q['video']}", user / name)
+            rows[split].append({"id": q["id"], "video": name, "question": q["question"], "options": q["options"],
+                                "answer": q["answer"], "category": q["category"]})
+    for c in train.load_jsonl(f"{world}/captions_train.jsonl"):
+        text = c["conversations"][1]["value"]
+        rows["train"].append({"id": c["id"], "video": "clips/" + c["video"].split("/")[-1].replace("_", "-"),
+                              "conversations": [{"from": "human", "value": "<video>\nWhat happens?"},
+                                                {"from": "gpt", "value": text},
+                                                {"from": "human", "value": "And the first sentence?"},
+                                                {"from": "gpt", "value": text.split(". ")[0]}]})
+    for split, split_rows in rows.items():
+        (user / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split_rows))
+    out = tmp_path / "out"
+    result = train.main(["--preset=smoke", f"--data={user}", f"--out_dir={out}", f"--data_dir={tmp_path / 'none'}",
+                         "--encoders_steps=2"])
+    assert result["with_shortcuts"]["n"] == len(rows["test"]) and not (tmp_path / "none").exists()
+    assert {json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()} == \
+        {"encoders", "lm", "align", "vision", "sft"}
+    items = train.stage_items("align", str(user), config_from_args(["--preset=smoke"]), np.random.default_rng(0))
+    assert len(items[0]["turns"]) == 2  # both turns of the conversation
+    with open(user / "train.jsonl", "a") as f:
+        f.write('{"video": "clips/x.mp4", "question": "?"}\n')
+    run = subprocess.run([sys.executable, "train.py", "--preset=smoke", f"--data={user}",
+                          f"--out_dir={tmp_path / 'b'}"], cwd=ROOT, capture_output=True, text=True)
+    n = len(rows["train"]) + 1
+    assert run.returncode != 0 and f"train.jsonl, line {n}: missing key 'options'" in run.stderr
+    assert "Traceback" not in run.stderr
