@@ -762,7 +762,15 @@ def run(cfg, env):
     world_cfg = world_config(cfg)
     if env["main"]:  # under torchrun, process 0 makes the world, the tokenizer and the files; the rest wait
         os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        saved = os.path.join(cfg.out_dir, "config.json")
+        if cfg.resume and os.path.exists(saved):  # show what the interrupted run was, and what now differs
+            with open(saved) as f:
+                before = json.load(f)
+            changed = {k: (before.get(k), v) for k, v in asdict(cfg).items() if k != "resume" and before.get(k) != v}
+            print(f"resuming the run configured in {saved}: " + ", ".join(f"{k}={v}" for k, v in before.items()))
+            if changed:
+                print("changed since: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+        with open(saved, "w") as f:
             json.dump(asdict(cfg), f, indent=1)
         get_tokenizer(cfg, cfg.data or make_world(world_cfg, cfg.data_dir))
     barrier(env)
