@@ -87,7 +87,7 @@ class Config:
     vit_dim: int = 64
     vit_layers: int = 3
     vit_heads: int = 4
-    vision: str = "image"       # image | video | image+video: the encoders (both: grids fused, Apollo §4.2)
+    vision: str = "image+video"  # image | video | image+video: the encoders (both: grids fused, Apollo §4.2)
     tokens_per_frame: int = 8
     resampler: str = "perceiver"  # perceiver | mlp_pool | conv_pool (Table 1's connector comparison)
     resampler_layers: int = 2
@@ -102,14 +102,14 @@ class Config:
                                 # 1: one sft stage with every step and every caption. The lm stage comes first in all
     eval_sampling: str = ""     # fps | uniform: test with other sampling than training (empty: the same)
     lm_from: str = ""           # a run's out_dir: start from its lm.pt's LM and its tokenizer, skipping stage lm
-    encoders_steps: int = 0     # stage encoders (contrastive pretraining); 0 skips it (not yet measured on by default)
-    encoders_lr: float = 1e-3
+    encoders_steps: int = 600   # stage encoders (contrastive pretraining of the towers); 0 skips it
+    encoders_lr: float = 3e-3
     contrastive_loss: str = "siglip"  # siglip | clip
     video_objective: str = "contrastive"  # contrastive | masked (VideoMAE-style, the self-supervised alternative)
     lm_steps: int = 1000
     align_steps: int = 60
-    vision_steps: int = 120
-    sft_steps: int = 250
+    vision_steps: int = 60      # the encoders come pretrained: a short unfreezing
+    sft_steps: int = 240
     lm_lr: float = 3e-3
     align_lr: float = 2e-3
     vision_lr: float = 1e-3
@@ -134,15 +134,16 @@ class Config:
 PRESETS = {
     "smoke": dict(n_train=24, n_val=4, n_test=8, max_seconds=6.0, vit_dim=32, vit_layers=1, lm_dim=32,
                   lm_layers=1, tokens_per_frame=2, resampler_layers=1, vocab_size=300, batch_size=8,
-                  lm_steps=3, drills=64, align_steps=2, vision_steps=2, sft_steps=3, max_clips=2, log_every=1,
-                  ckpt_every=2),
+                  encoders_steps=2, lm_steps=3, drills=64, align_steps=2, vision_steps=2, sft_steps=3, max_clips=2,
+                  log_every=1, ckpt_every=2),
     "cpu": dict(max_seconds=12.0),
     "study": dict(n_train=300, n_val=40, n_test=80, max_seconds=12.0, batch_size=16, lm_steps=800, align_steps=40,
-                  vision_steps=60, sft_steps=150, encoders_lr=3e-3),  # sweep.py: a run in ~3 min on 2 CPU cores
+                  vision_steps=40, sft_steps=150, encoders_steps=300),  # sweep.py: a run in ~3 min on 2 CPU cores
     "gpu": dict(n_train=4000, n_val=200, n_test=400, fps=2.0, max_clips=8, image_size=64, vit_dim=192,
                 vit_layers=6, vit_heads=6, tokens_per_frame=16, resampler_layers=3, lm_dim=512, lm_layers=8,
                 lm_heads=8, vocab_size=1024, batch_size=64, lm_steps=1500, align_steps=800, vision_steps=2000,
-                sft_steps=3000, lm_lr=1e-3, align_lr=1e-3, vision_lr=3e-4, sft_lr=3e-4),
+                sft_steps=3000, lm_lr=1e-3, align_lr=1e-3, vision_lr=3e-4, sft_lr=3e-4, encoders_steps=2000,
+                encoders_lr=1e-3),
 }
 
 

@@ -33,14 +33,14 @@ def test_smoke_preset_runs_the_whole_pipeline_in_under_a_minute(tmp_path):
     assert 0 <= result["overall"] <= 1 and result["n"] < result["with_shortcuts"]["n"]
     assert json.loads((out / "config.json").read_text())["preset"] == "smoke"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in rows if r["step"] == 1] == train.STAGES
+    assert [r["stage"] for r in rows if r["step"] == 1] == ["encoders"] + train.STAGES
     assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     assert all((out / f"{s}.pt").exists() for s in train.STAGES)
     assert "test accuracy" in run.stdout
     # a second run reuses every stage's checkpoint and only evaluates
     again = subprocess.run([sys.executable, "train.py", "--preset=smoke", f"--out_dir={out}", f"--data_dir={data}"],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and again.stdout.count("reusing") == 4
+    assert again.returncode == 0 and again.stdout.count("reusing") == 5
     assert json.loads((out / "eval.json").read_text())["overall"] == result["overall"]
 
 
@@ -232,13 +232,13 @@ def test_schedules_lm_from_and_eval_sampling(tmp_path):
     assert [train.stage_steps(config_from_args(["--preset=smoke", f"--schedule={s}"]), "sft") for s in (1, 2, 3)] == \
         [3 + 2 + 2, 3, 3]
     assert train.stage_steps(config_from_args(["--preset=smoke", "--schedule=2"]), "align") == 2 + 2
-    train.main(["--preset=smoke", f"--out_dir={one}", f"--data_dir={data}", "--schedule=1"])
+    train.main(["--preset=smoke", f"--out_dir={one}", f"--data_dir={data}", "--schedule=1", "--encoders_steps=0"])
     rows = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
     assert sorted({r["stage"] for r in rows}) == ["lm", "sft"] and max(r["step"] for r in rows) == 7
     train.main(["--preset=smoke", f"--out_dir={two}", f"--data_dir={data}", f"--lm_from={one}",
                 "--resampler=conv_pool", "--vision=video", "--eval_sampling=uniform", "--num_frames=4"])
     rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in rows if r["step"] == 1] == ["align", "vision", "sft"]
+    assert [r["stage"] for r in rows if r["step"] == 1] == ["encoders", "align", "vision", "sft"]
     lm_a = torch.load(one / "lm.pt", weights_only=True)["model"]
     lm_b = torch.load(two / "align.pt", weights_only=True)["model"]  # the LM is frozen in align
     assert all(torch.equal(v, lm_b[k]) for k, v in lm_a.items() if k.startswith("lm."))
