@@ -9,7 +9,8 @@ Video sampling: which frames of a video the model sees, and when each was shown 
 Every frame carries its true presentation time in seconds from the start of the stream, read from the
 container's timestamps, so variable frame rates and streams that start late come out right. Decoding takes
 two passes: the first reads only the packets' timestamps (cheap), the second decodes until the last frame
-needed and converts to RGB only the frames chosen. Anything unreadable raises VideoError naming the file.
+needed, skips the frames that are neither wanted nor referred to by others (most B-frames), and converts
+to RGB only the frames chosen. Anything unreadable raises VideoError naming the file.
 """
 import math
 import os
@@ -64,6 +65,14 @@ def open_video(path):
     return container
 
 
+def to_rgb(frame, size=None):
+    """A decoded frame as (H, W, 3) uint8 RGB, scaled to size x size if given, turned upright if rotated."""
+    resize = size and (frame.width, frame.height) != (size, size)
+    img = frame.to_ndarray(format="rgb24", **({"width": size, "height": size, "interpolation": "AREA"} if resize
+                                               else {}))
+    return np.rot90(img, k=round(frame.rotation / 90) % 4).copy() if frame.rotation else img
+
+
 def decode_at(path, plan, size=None):
     """Frames shown at the times plan(duration) asks for: (T, H, W, 3) uint8 RGB, their true times (T,), duration.
 
@@ -79,16 +88,15 @@ def decode_at(path, plan, size=None):
         wanted = {int(p): None for p in pts[idx]}
         last = max(wanted)
         container.seek(0, stream=stream)  # back to the start after the packet pass
-        stream.thread_type = "AUTO"
+        codec = stream.codec_context
         try:
-            for frame in container.decode(stream):
-                if frame.pts in wanted:
-                    resize = size and (frame.width, frame.height) != (size, size)
-                    scale = {"width": size, "height": size, "interpolation": "AREA"} if resize else {}
-                    img = frame.to_ndarray(format="rgb24", **scale)
-                    wanted[frame.pts] = np.rot90(img, k=round(frame.rotation / 90) % 4).copy() if frame.rotation \
-                        else img
-                if frame.pts is not None and frame.pts >= last:
+            for packet in container.demux(stream):
+                # a frame no other frame refers to (most B-frames) need not be decoded unless it is wanted
+                codec.skip_frame = "NONREF" if packet.pts is not None and packet.pts not in wanted else "DEFAULT"
+                for frame in packet.decode():
+                    if frame.pts in wanted:
+                        wanted[frame.pts] = to_rgb(frame, size)
+                if packet.pts is not None and packet.pts >= last and all(f is not None for f in wanted.values()):
                     break
         except av.error.FFmpegError as e:
             raise VideoError(f"{path}: decoding failed ({e})") from None
