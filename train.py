@@ -7,14 +7,17 @@ Apollo paper §5 and Appendix C (the training stages); DESIGN.md (the contracts)
     python train.py --preset=cpu --sft_steps=600 --out_dir=out/longer   # any config field as --key=value
     python train.py --stage=sft --resume     # one stage; --resume continues it from its last checkpoint
     python train.py --help                   # every field, its default and what it does
+    python train.py --data=my_videos         # your own videos and JSONL (see the README) instead of the world
+    torchrun --nproc_per_node=4 train.py     # DDP: each process takes its share of every global batch
 
 Stages, in order (a stage whose checkpoint is in out_dir is reused, not re-run):
-    encoders  (when --encoders_steps > 0) the vision encoders against a text tower on frame- and clip-caption
-            pairs (SigLIP or CLIP loss; or masked video for the video encoder); val retrieval -> retrieval.json
+    encoders  the vision encoders against a text tower on frame- and clip-caption pairs (SigLIP or CLIP loss; or
+            masked video for the video encoder); val retrieval -> retrieval.json (--encoders_steps=0 skips it)
     lm      the decoder LM learns the language: captions, questions and answers as plain text, reading drills
     align   connector (projector + Perceiver) only; encoders and LM frozen; video captions   (Apollo stage 1)
     vision  encoders + connector; LM frozen; video captions                                 (Apollo stage 2)
     sft     connector + LM; encoders frozen; multiple choice + captions + text-only mixed     (Apollo stage 3)
+(--schedule=2 drops vision, --schedule=1 also align, their steps going to the stage that replaces them.)
 Then the test split is scored: eval.json holds overall and per-category accuracy. The headline counts only
 questions not marked as shortcuts; eval.json carries the score with shortcuts too.
 Each run writes into out_dir: config.json, metrics.jsonl, tokenizer.json, one checkpoint per stage, eval.json.
