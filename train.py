@@ -511,7 +511,7 @@ def train_stage(model, stage, dataset, cfg, env):
     if env["world"] > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[env["device"].index] if env["device"].type == "cuda" else None,
-            find_unused_parameters=True, broadcast_buffers=False)  # a text-only batch leaves the connector unused
+            find_unused_parameters=stage == "sft")  # in sft a text-only batch leaves the connector unused
     frozen = stage != "encoders" and not any(p.requires_grad for e in model.encoders() for p in e.parameters())
     grids = {}  # the encoders are frozen: each video is encoded once
 
