@@ -229,8 +229,8 @@ def run_build(opts, log=print):
     rows = [dict(qs[items[q]["id"]], video=os.path.relpath(items[q]["video"], out)) for q in chosen]
     write_jsonl(os.path.join(out, "bench.jsonl"), rows)
     np.savez(os.path.join(out, "answers.npz"), right=right, choices=choices)
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(rep, f, indent=1)
+    with open(os.path.join(out, "report.json"), "w") as f:  # strict JSON: an undefined figure is null, not NaN
+        json.dump(json.loads(json.dumps(rep), parse_constant=lambda c: None), f, indent=1)
     log(report_text(rep))
     return rep
 

@@ -89,3 +89,19 @@ def test_a_model_asked_in_three_modes(tmp_path, tiny_world):
     bad = subprocess.run([sys.executable, "apollo.py", f"--ckpt={out / 'sft.pt'}", str(tmp_path / "none.mp4"), "Why?"],
                          cwd=root, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "none.mp4: no such file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_build_writes_a_benchmark_from_a_zoo(tmp_path):
+    """bench.py build end to end on a zoo of two smoke runs (4 checkpoints with --stages=vision,sft) and a pool
+    world of its own seed: a benchmark JSONL whose videos resolve from its folder, and a strict-JSON report."""
+    import json
+    for seed in (0, 1):
+        train.main(["--preset=smoke", f"--seed={seed}", f"--out_dir={tmp_path / 'zoo' / str(seed)}",
+                    f"--data_dir={tmp_path / 'data'}"])
+    out = tmp_path / "bench"
+    rep = bench.main(["build", f"--zoo={tmp_path / 'zoo'}", "--pool_videos=4", "--top=2", f"--out={out}",
+                      "--stages=vision,sft", "--device=cpu"])
+    assert len(rep["zoo"]) == 4 and rep["bench_questions"] == sum(r["kept"] for r in rep["removed"].values())
+    rows = train.load_jsonl(str(out / "bench.jsonl"))
+    assert len(rows) == rep["bench_questions"] and all((out / r["video"]).exists() for r in rows)
+    json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in report.json"))
