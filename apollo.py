@@ -9,6 +9,8 @@ Apollo's LM is Qwen2.5; ours is the same kind of model, small: pre-norm blocks, 
 input and output embeddings. The loss is on answer tokens only. A multiple-choice question is answered by
 the LM's choice among the option letters: the largest logit among "A", "B", ... after the prompt.
 """
+import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -16,9 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from encoders import EncoderConfig, ImageEncoder, VideoEncoder, fuse_grids, preprocess
-from integrate import ANSWER_SEP, EOS, IGNORE, VIDEO
+from integrate import ANSWER_SEP, EOS, IGNORE, VIDEO, Tokenizer, build_sample, format_mc, video_tokens
 from layers import Block, RMSNorm, causal_mask, rope_tables
 from resampler import Projector, ResamplerConfig, make_resampler
+from sampling import VideoError, sample_clips
 
 
 @dataclass
@@ -197,11 +200,6 @@ def main(argv):
 
     Samples the video as the run was trained to (its config travels in the checkpoint), prints the clips and
     frame times the model looks at, then its choice among the options, or the text it writes without them."""
-    import os
-    import sys
-
-    from integrate import Tokenizer, build_sample, format_mc, video_tokens
-    from sampling import VideoError, sample_fps, sample_uniform
     opts = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
     args = [a for a in argv if not a.startswith("--")]
     if len(args) != 2 or "ckpt" not in opts:
@@ -216,11 +214,8 @@ def main(argv):
     model.load_state_dict(ckpt["model"])
     model.eval()
     try:
-        if c["sampling"] == "fps":
-            frames, times, clips = sample_fps(video, c["fps"], c["frames_per_clip"], c["max_clips"])
-        else:
-            frames, times = sample_uniform(video, c["num_frames"])
-            clips = [(float(t[0]), float(t[-1])) for t in times.reshape(-1, c["frames_per_clip"])]
+        frames, times, clips = sample_clips(video, c["sampling"], c["frames_per_clip"], c["fps"], c["max_clips"],
+                                            c["num_frames"])
     except VideoError as e:
         sys.exit(f"error: {e}")
     frames = torch.from_numpy(frames).view(len(clips), c["frames_per_clip"], *frames.shape[1:])  # (C, T, H, W, 3)
@@ -242,5 +237,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    import sys
     main(sys.argv[1:])

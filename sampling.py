@@ -145,6 +145,16 @@ def sample_fps(path, fps, frames_per_clip, max_clips, size=None):
     return frames, times, clips
 
 
+def sample_clips(path, sampling, frames_per_clip, fps=1.0, max_clips=4, num_frames=16, size=None):
+    """The video as a run samples it: frames (T, H, W, 3), their times (T,), and clips [(start, end)] of
+    frames_per_clip frames each, by fps sampling or by uniform sampling cut into clips."""
+    if sampling == "fps":
+        return sample_fps(path, fps, frames_per_clip, max_clips, size)
+    frames, times = sample_uniform(path, num_frames, size)
+    t = times.reshape(-1, frames_per_clip)
+    return frames, times, list(zip(t[:, 0].tolist(), t[:, -1].tolist()))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What the model saw: a contact sheet of the sampled frames, each labelled with its time in seconds
 

@@ -44,7 +44,7 @@ from data import CATEGORIES, DataError, WorldConfig, cpu_count, describe_span, l
 from encoders import Pretraining
 from integrate import IGNORE, INTEGRATIONS, PAD, Tokenizer, build_sample, format_mc, mc_answer, video_tokens
 from resampler import RESAMPLERS
-from sampling import VideoError, sample_fps, sample_uniform
+from sampling import VideoError, sample_clips
 
 STAGES = ["lm", "align", "vision", "sft"]
 SCHEDULES = {3: STAGES, 2: ["lm", "align", "sft"], 1: ["lm", "sft"]}
@@ -246,12 +246,7 @@ def pick_device(name):
 def decode_video(path, cfg):
     """(frames (C, T, S, S, 3) uint8 at the model's input size S, clips [(start, end)]) of the video at path."""
     S = cfg.image_size
-    if cfg.sampling == "fps":
-        frames, _, clips = sample_fps(path, cfg.fps, cfg.frames_per_clip, cfg.max_clips, size=S)
-    else:
-        frames, times = sample_uniform(path, cfg.num_frames, size=S)
-        t = times.reshape(-1, cfg.frames_per_clip)
-        clips = list(zip(t[:, 0].tolist(), t[:, -1].tolist()))
+    frames, _, clips = sample_clips(path, cfg.sampling, cfg.frames_per_clip, cfg.fps, cfg.max_clips, cfg.num_frames, S)
     return torch.from_numpy(frames).reshape(len(clips), cfg.frames_per_clip, S, S, 3), clips
 
 
@@ -301,7 +296,8 @@ class Samples(torch.utils.data.Dataset):
                                     f"--max_bad_share={max_bad_share}); the first: {self.frames[bad[0]]}")
             for p in bad:
                 log(f"warning: skipping the samples of {self.frames[p]}")
-            self.items = [it for it in self.items if it.get("video") not in set(bad)]
+            bad = set(bad)
+            self.items = [it for it in self.items if it.get("video") not in bad]
         return len(bad)
 
     def __len__(self):
@@ -532,14 +528,16 @@ def train_stage(model, stage, dataset, cfg, env):
     t0, tokens, waited, logged = time.perf_counter(), 0, 0.0, start
     for step in bar:
         t_wait = time.perf_counter()
-        micro = [to_device(next(loader), env["device"]) for _ in range(cfg.grad_accum)]
+        micro = [next(loader) for _ in range(cfg.grad_accum)]
+        # each micro-batch's loss is a mean over its targets (answer tokens, or pairs); weighting it by its share
+        # of all the step's targets, in every process, makes the step's gradient that of the global batch
+        # (counted on the CPU, before the move, so that the count costs the GPU no sync)
+        counts = [len(b["pixels"]) if stage == "encoders" else int((b["labels"][:, 1:] != IGNORE).sum())
+                  for b in micro]
+        micro = [to_device(b, env["device"]) for b in micro]
         waited += time.perf_counter() - t_wait
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, base_lr, cfg.warmup)
-        # each micro-batch's loss is a mean over its targets (answer tokens, or pairs); weighting it by its share
-        # of all the step's targets, in every process, makes the step's gradient that of the global batch
-        counts = [len(b["pixels"]) if stage == "encoders" else int((b["labels"][:, 1:] != IGNORE).sum())
-                  for b in micro]
         total = global_sum(sum(counts), env)
         step_loss = 0.0
         for m, b in enumerate(micro):

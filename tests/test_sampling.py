@@ -201,3 +201,15 @@ def test_contact_sheet_shows_the_sampled_frames_with_their_times(tiny_world, tmp
     run = subprocess.run([sys.executable, "sampling.py", str(tmp_path / "missing.mp4")], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert run.returncode != 0 and "missing.mp4: no such file" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_skipping_unwanted_frames_keeps_the_pixels(tiny_world):
+    """sample_uniform lets the decoder skip frames nothing refers to; what it returns equals the same frames
+    out of a plain decode of every frame."""
+    world, _ = tiny_world
+    path = os.path.join(world, "videos", "train_00002.mp4")
+    frames, times = sample_uniform(path, 7)
+    with av.open(path) as c:
+        every = {round(float(f.time), 6): f.to_ndarray(format="rgb24") for f in c.decode(video=0)}
+    for frame, t in zip(frames, times):
+        np.testing.assert_array_equal(frame, every[round(float(t), 6)])
