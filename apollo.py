@@ -7,7 +7,7 @@ The Apollo model: video -> encoders -> connector -> resampler -> interleave with
 
 Apollo's LM is Qwen2.5; ours is the same kind of model, small: pre-norm blocks, RoPE, SwiGLU, RMSNorm, tied
 input and output embeddings. The loss is on answer tokens only. A multiple-choice question is answered by
-the LM's choice among the option letters: the largest logit among "A", "B", ... after the prompt.
+the LM's choice among the options: the option whose answer (" blue (B)") it finds most likely after the prompt.
 """
 import os
 import sys
@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from encoders import EncoderConfig, ImageEncoder, VideoEncoder, fuse_grids, preprocess
-from integrate import ANSWER_SEP, EOS, IGNORE, VIDEO, Tokenizer, build_sample, format_mc, video_tokens
+from integrate import EOS, IGNORE, VIDEO, Tokenizer, build_sample, format_mc, mc_answer, video_tokens
 from layers import Block, RMSNorm, causal_mask, rope_tables
 from resampler import Projector, ResamplerConfig, make_resampler
 from sampling import VideoError, sample_clips
@@ -125,36 +125,41 @@ class Apollo(nn.Module):
 
 
 @torch.no_grad()
-def answer_mc(model, ids, lengths, frames, n_options, max_new=12):
-    """The model's choice on each multiple-choice prompt: it says its option greedily until it writes the
-    separator (or max_new tokens, then the separator is put for it); its choice is the option letter with the
-    largest logit after the separator. ids (B, S) right-padded prompts, lengths (B,) -> (B,) 0-based choices."""
-    B = ids.size(0)
+def answer_mc(model, ids, lengths, frames, choices):
+    """The model's choice on each multiple-choice prompt: the option whose whole answer (" blue (B)", as the
+    model was trained to say it) is most likely after the prompt. ids (B, S) right-padded prompts, lengths (B,),
+    choices[b][k] the ids of option k's answer -> (B,) 0-based choices.
+    Scoring the options, not decoding freely, keeps the model's word among the options: a from-scratch LM
+    that says a colour not on the list has still told us which listed colour it finds likeliest."""
+    return option_logprobs(model, ids, lengths, frames, choices).argmax(-1)
+
+
+@torch.no_grad()
+def option_logprobs(model, ids, lengths, frames, choices):
+    """log P(answer k | prompt b), summed over the answer's tokens -> (B, K), -inf past an item's options. Each
+    prompt is written out once per option and all rows go through the model in one pass; the video is encoded
+    once and its tokens given to each of its prompt's rows."""
     visual = model.encode_video(frames).flatten(0, 1) if frames is not None and frames.numel() > 0 else None
-    ids = torch.cat([ids, ids.new_zeros(B, max_new + 1)], dim=1)  # room to write the answers
-    rows, ends = torch.arange(B, device=ids.device), lengths.clone()
-    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    for _ in range(max_new):
-        logits, _ = model(ids, visual=visual)
-        nxt = logits[rows, ends - 1].argmax(-1)  # (B,)
-        ids[rows[~done], ends[~done]] = nxt[~done]
-        ends = ends + (~done).long()
-        done = done | (nxt == ord(ANSWER_SEP))
-        if done.all():
-            break
-    ids[rows[~done], ends[~done]] = ord(ANSWER_SEP)
-    ends = ends + (~done).long()
-    logits, _ = model(ids, visual=visual)
-    return choose_letters(logits, ends - 1, n_options)
-
-
-def choose_letters(logits, last, n_options):
-    """Argmax over the option letters' logits at position last. logits (B, S, vocab); last (B,); n_options (B,)
-    -> (B,) 0-based choice. The letters are single bytes, so "A" is token 65 whatever the merges."""
-    letters = torch.arange(ord("A"), ord("A") + int(n_options.max()), device=logits.device)  # byte-level ids
-    scores = logits[torch.arange(len(last), device=logits.device), last][:, letters].float()  # (B, n)
-    too_far = torch.arange(len(letters), device=logits.device)[None, :] >= n_options[:, None]
-    return scores.masked_fill(too_far, float("-inf")).argmax(-1)
+    ends = (ids == VIDEO).sum(1).cumsum(0).tolist()  # where each prompt's visual tokens end in visual (C*L, D)
+    rows, spans, vis = [], [], []
+    for b, answers in enumerate(choices):
+        prompt = ids[b, : lengths[b]].tolist()
+        for answer in answers:
+            rows.append(prompt + list(answer))
+            spans.append((b, len(prompt), len(rows[-1])))  # the answer's positions in its row
+            if visual is not None:
+                vis.append(visual[(ends[b - 1] if b else 0): ends[b]])
+    x = ids.new_zeros(len(rows), max(map(len, rows)))  # (R, S'): one row per (prompt, option)
+    for r, row in enumerate(rows):
+        x[r, : len(row)] = torch.tensor(row)
+    logp = model(x, visual=torch.cat(vis) if vis else None)[0].float().log_softmax(-1)  # (R, S', vocab)
+    scores = torch.full((len(choices), max(map(len, choices))), float("-inf"), device=ids.device)  # (B, K)
+    k = 0
+    for r, (b, lo, hi) in enumerate(spans):
+        k = k + 1 if r and spans[r - 1][0] == b else 0
+        # position i predicts token i + 1: the answer's tokens lo .. hi - 1 are predicted at lo - 1 .. hi - 2
+        scores[b, k] = logp[r, torch.arange(lo - 1, hi - 1), x[r, lo:hi]].sum()
+    return scores
 
 
 @torch.no_grad()
@@ -226,8 +231,8 @@ def main(argv):
     if "options" in opts:
         options = [o.strip() for o in opts["options"].split(",")]
         ids = build_sample(tok, [(format_mc(question, options), "")], ids_of_video)[0][:-1]
-        choice = int(answer_mc(model, torch.tensor([ids]), torch.tensor([len(ids)]), frames,
-                               torch.tensor([len(options)]))[0])
+        answers = [tok.encode(mc_answer(options, chr(65 + k))) for k in range(len(options))]
+        choice = int(answer_mc(model, torch.tensor([ids]), torch.tensor([len(ids)]), frames, [answers])[0])
         print(f"answer: {options[choice]} ({chr(65 + choice)})")
         return options[choice]
     ids = build_sample(tok, [(question.strip() + "\n", "")], ids_of_video)[0][:-1]

@@ -129,10 +129,7 @@ def mc_answer(options, letter):
     this small does not learn, in a CPU budget, to emit a letter whose option it must first work out (two hops,
     one letter of signal per question); once the option is said, " (B)" is a copy of what follows it in the
     prompt, the induction step that small transformers learn first."""
-    return f" {options[ord(letter) - 65]} {ANSWER_SEP}{letter})"
-
-
-ANSWER_SEP = "("  # always its own word (WORDS), so its token id is ord("(") whatever the merges
+    return f" {options[ord(letter) - 65]} ({letter})"
 
 
 def build_sample(tok, turns, video=None):

@@ -319,12 +319,13 @@ class Samples(torch.utils.data.Dataset):
         if item.get("video"):
             frames, clips = self.clips_of(item["video"])
             video = video_tokens(self.tok, clips, self.tokens_per_clip, self.cfg.integration)
-        if item.get("eval"):  # scoring: the prompt only; the model writes the answer
+        choices = None
+        if item.get("eval"):  # scoring: the prompt, and each option's answer for the model to weigh
             ids, labels = build_sample(self.tok, [(item["turns"][0][0], "")], video)[0][:-1], None
+            choices = [self.tok.encode(mc_answer(item["options"], chr(65 + k))) for k in range(len(item["options"]))]
         else:
             ids, labels = build_sample(self.tok, item["turns"], video)
-        return {"ids": ids, "labels": labels, "frames": frames, "video": item.get("video"),
-                "n_options": item.get("n_options", 0)}
+        return {"ids": ids, "labels": labels, "frames": frames, "video": item.get("video"), "choices": choices}
 
 
 def pad(seqs, fill=PAD):
@@ -344,8 +345,7 @@ def collate(batch):
     frames = [b["frames"] for b in batch if b["frames"] is not None]
     return {"ids": ids, "labels": labels, "frames": torch.cat(frames) if frames else None,
             "videos": [(b["video"], len(b["frames"])) for b in batch if b["frames"] is not None],
-            "lengths": torch.tensor([len(b["ids"]) for b in batch]),
-            "n_options": torch.tensor([b["n_options"] for b in batch])}
+            "lengths": torch.tensor([len(b["ids"]) for b in batch]), "choices": [b["choices"] for b in batch]}
 
 
 def batches(pools, batch_size, seed, start_step, shares):
@@ -369,7 +369,8 @@ def mc_item(q, root):
     """One multiple-choice question about its video: what evaluation scores."""
     return {"video": os.path.join(root, q["video"]),
             "turns": [(format_mc(q["question"], q["options"]), mc_answer(q["options"], q["answer"]))],
-            "answer": q["answer"], "n_options": len(q["options"]), "category": q.get("category", "unknown"),
+            "options": q["options"], "answer": q["answer"], "n_options": len(q["options"]),
+            "category": q.get("category", "unknown"),
             "shortcut": q.get("shortcut")}
 
 
@@ -632,7 +633,7 @@ def predict(model, dataset, cfg, env):
         batch = to_device(collate([dataset[i] for i in range(lo, min(lo + cfg.eval_batch_size, len(dataset)))]),
                           env["device"])
         with env["autocast"]():
-            choices += answer_mc(model, batch["ids"], batch["lengths"], batch["frames"], batch["n_options"]).tolist()
+            choices += answer_mc(model, batch["ids"], batch["lengths"], batch["frames"], batch["choices"]).tolist()
     model.train()
     return choices
 
@@ -818,12 +819,18 @@ def run(cfg, env):
     test = Samples(test, tok, test_cfg, model.tokens_per_clip)
     skipped = test.warm(env["workers"], cfg.max_bad_share, env["log"])
     result = dict(evaluate(model, test, cfg, env), skipped_videos=skipped)
+    # the same questions without the video (no visual tokens): what the model answers from the text and its
+    # priors alone; the gap to "overall" is what watching the video adds
+    blind = evaluate(model, Samples([dict(it, video=None) for it in test.items], tok, cfg, model.tokens_per_clip),
+                     cfg, env)
+    result["without_video"] = {"overall": blind["overall"], "categories": blind["categories"]}
     result["minutes"] = round((time.perf_counter() - t_start) / 60, 2)
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)
     cats = " ".join(f"{k} {v:.3f}" for k, v in result["categories"].items())
     print(f"test accuracy {result['overall']:.3f} (chance {result['chance']:.2f}, n={result['n']}; "
-          f"{result['with_shortcuts']['overall']:.3f} with shortcuts) | {cats} | {result['minutes']} min")
+          f"{result['with_shortcuts']['overall']:.3f} with shortcuts; {blind['overall']:.3f} without the video) | {cats} | "
+          f"{result['minutes']} min")
     return result
 
 

@@ -7,7 +7,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from apollo import Apollo, ApolloConfig, LMConfig, answer_mc, choose_letters
+from apollo import Apollo, ApolloConfig, LMConfig, answer_mc, option_logprobs
 from encoders import EncoderConfig, ImageEncoder, preprocess
 from integrate import (BOS, EOS, IGNORE, PAD, SPECIALS, VID_END, VID_START, VIDEO, Tokenizer, build_sample, format_mc,
                        mc_answer, video_tokens)
@@ -110,14 +110,29 @@ def test_apollo_places_visual_tokens_and_loss_counts_answers_only():
     assert not torch.allclose(logits2[1, L + 1:], logits[1, L + 1:])
 
 
-def test_choose_letters_picks_the_largest_option_logit():
-    logits = torch.zeros(2, 3, 300)
-    logits[0, 1, ord("C")] = 5.0
-    logits[0, 1, ord("Z")] = 9.0  # not an option
-    logits[1, 2, ord("D")] = 5.0  # beyond this question's 3 options
-    logits[1, 2, ord("B")] = 1.0
-    choice = choose_letters(logits, torch.tensor([1, 2]), torch.tensor([4, 3]))
-    assert choice.tolist() == [2, 1]
+def test_option_logprobs_in_one_batch_equal_each_answer_scored_alone():
+    """Prompts of different lengths, with and without a video, 4 and 3 options: the batched scores equal
+    log P(answer | prompt) computed row by row, and an item's missing options score -inf."""
+    torch.manual_seed(0)
+    model = Apollo(ApolloConfig(EncoderConfig(16, 4, 8, 1, 2), ResamplerConfig(2, 1, 2), LMConfig(300, 16, 1, 2, 128),
+                                frames_per_clip=2)).eval()
+    L = model.tokens_per_clip
+    frames = torch.randint(0, 256, (3, 2, 16, 16, 3), dtype=torch.uint8)  # item 0: 1 clip, item 2: 2 clips
+    prompts = [[BOS] + [VIDEO] * L + [70, 71, 72], [BOS, 80, 81], [BOS] + [VIDEO] * 2 * L + [90]]
+    choices = [[[65], [66, 67], [68], [69, 65, 66]], [[100], [101], [102, 103]], [[110, 111], [112], [113], [114]]]
+    P = max(map(len, prompts))
+    ids = torch.tensor([p + [PAD] * (P - len(p)) for p in prompts])
+    got = option_logprobs(model, ids, torch.tensor([len(p) for p in prompts]), frames, choices)
+    clips = {0: frames[:1], 1: None, 2: frames[1:]}
+    for b, answers in enumerate(choices):
+        for k, answer in enumerate(answers):
+            row = torch.tensor([prompts[b] + answer])
+            logp = model(row, clips[b])[0][0].log_softmax(-1)
+            want = sum(logp[len(prompts[b]) - 1 + i, t] for i, t in enumerate(answer))
+            torch.testing.assert_close(got[b, k], want, rtol=1e-4, atol=1e-4)
+    assert got[1, 3] == float("-inf")
+    assert answer_mc(model, ids, torch.tensor([len(p) for p in prompts]), frames, choices).tolist() == \
+        got.argmax(-1).tolist()
 
 
 def test_apollo_learns_a_tiny_batch():
@@ -135,7 +150,7 @@ def test_apollo_learns_a_tiny_batch():
     assert loss.item() < 0.5 * first
 
 
-def test_answer_mc_lets_the_model_name_its_option_then_reads_its_letter():
+def test_answer_mc_picks_the_answer_the_model_learned():
     """A tiny model memorises two answers (" blue (B)", " red (D)"); answer_mc must read back B and D."""
     torch.manual_seed(0)
     tok = Tokenizer.train(CORPUS + ["blue red green white"], 300)
@@ -156,7 +171,8 @@ def test_answer_mc_lets_the_model_name_its_option_then_reads_its_letter():
     prompts = [build_sample(tok, [(format_mc(q, o), "")])[0][:-1] for q, o, _ in qs]
     P = max(map(len, prompts))
     batch = torch.tensor([p + [PAD] * (P - len(p)) for p in prompts])
-    choice = answer_mc(model.eval(), batch, torch.tensor([len(p) for p in prompts]), None, torch.tensor([4, 4]))
+    answers = [[tok.encode(mc_answer(o, chr(65 + k))) for k in range(4)] for _, o, _ in qs]
+    choice = answer_mc(model.eval(), batch, torch.tensor([len(p) for p in prompts]), None, answers)
     assert choice.tolist() == [1, 3]
 
 
