@@ -829,8 +829,8 @@ def run(cfg, env):
         json.dump(result, f, indent=1)
     cats = " ".join(f"{k} {v:.3f}" for k, v in result["categories"].items())
     print(f"test accuracy {result['overall']:.3f} (chance {result['chance']:.2f}, n={result['n']}; "
-          f"{result['with_shortcuts']['overall']:.3f} with shortcuts; {blind['overall']:.3f} without the video) | {cats} | "
-          f"{result['minutes']} min")
+          f"{result['with_shortcuts']['overall']:.3f} with shortcuts; {blind['overall']:.3f} without the video) | "
+          f"{cats} | {result['minutes']} min")
     return result
 
 
