@@ -237,10 +237,14 @@ def write_mp4(path, frames, fps):
 # Questions: five ApolloBench categories, several templates each, answers read off the script
 
 
-def mc(rng, category, template, question, answer, pool, shortcut=None):
-    """A multiple-choice question: the answer at a uniformly drawn letter among 3 distractors from pool."""
-    distractors = [p for p in dict.fromkeys(pool) if p != answer]
-    options = list(rng.permutation(distractors)[:3]) if len(distractors) > 3 else distractors
+def mc(rng, category, template, question, answer, pool, shortcut=None, first=()):
+    """A multiple-choice question: the answer at a uniformly drawn letter among 3 distractors. Those in `first`
+    (what the video also shows: another object's colour, another character) come before the rest of pool, so
+    that a question cannot be answered by picking the one option the video shows."""
+    near = [p for p in dict.fromkeys(first) if p != answer]
+    rest = [p for p in dict.fromkeys(pool) if p != answer and p not in near]
+    options = [str(o) for o in rng.permutation(near)[:3]] if near else []
+    options += [str(o) for o in rng.permutation(rest)[: 3 - len(options)]] if rest and len(options) < 3 else []
     assert len(options) == 3, (template, answer, pool)
     k = int(rng.integers(4))
     options.insert(k, answer)
@@ -248,44 +252,76 @@ def mc(rng, category, template, question, answer, pool, shortcut=None):
             "category": category, "template": template, "shortcut": shortcut}
 
 
-def first_of(items, others):
-    """items first (in their order), then others not already in: distractors from the video before the rest."""
-    return list(dict.fromkeys(list(items) + list(others)))
-
-
 def reading_drills(rng, n):
-    """n text-only drills, "Which option is blue?" among four options of one kind: they teach a from-scratch LM
-    to find a word among the options and copy its letter (an induction step) before it must also work out the
-    word from a caption or a video. Pretrained LMs bring this skill; ours learns it here, in the lm stage."""
+    """n short text-only drills that teach a from-scratch LM to read, before it must work out answers from a
+    caption or a video (pretrained LMs bring these skills; ours learns them here, in the lm stage). Half are
+    "Which option is blue?" among four options of one kind: find the word among the options and copy its letter
+    (an induction step). Half are lookups in a short description written as captions are ("A red circle appears
+    at 2 s. A blue cross appears at 0 s. What colour is the cross?"): find the thing asked about, read its
+    attribute, the binding that perception questions need."""
     pools = [list(COLORS), SHAPES, list(DIRECTIONS), RELATIONS, COUNTS, list(GLYPHS), ABSURD]
     drills = []
     for _ in range(n):
-        pool = pools[int(rng.integers(len(pools)))]
-        word = str(pool[int(rng.integers(len(pool)))])
-        drills.append(mc(rng, "drill", "which_option", f"Which option is {word}?", word, pool))
+        if rng.random() < 0.5:
+            pool = pools[int(rng.integers(len(pools)))]
+            word = str(pool[int(rng.integers(len(pool)))])
+            drills.append(mc(rng, "drill", "which_option", f"Which option is {word}?", word, pool))
+            continue
+        k = int(rng.integers(2, 5))  # facts in the description; one is asked about
+        shapes, colors = rng.permutation(SHAPES)[:k], rng.permutation(list(COLORS))[:k]
+        times, counts, chars = rng.permutation(10)[:k], rng.integers(0, 4, k), rng.permutation(list(GLYPHS))[:k]
+        kind, i = int(rng.integers(3)), int(rng.integers(k))
+        if kind == 0:
+            facts = [f"A{'n' if c[0] in 'aeiou' else ''} {c} {s} appears at {t} s."
+                     for c, s, t in zip(colors, shapes, times)]
+            drill = mc(rng, "drill", "lookup_color", f"What colour is the {shapes[i]}?", colors[i],
+                       list(COLORS), first=colors)  # the other objects' colours first: the binding is the point
+        elif kind == 1:
+            facts = [f"The {s} bounces {c} time{'' if c == 1 else 's'}." for s, c in zip(shapes, counts)]
+            drill = mc(rng, "drill", "lookup_bounces", f"How many times did the {shapes[i]} bounce off a wall?",
+                       str(counts[i]), COUNTS[:4])
+        else:
+            facts = [f"The character {c} is shown at {t} s." for c, t in zip(chars, times)]
+            drill = mc(rng, "drill", "lookup_char", f"Which character was on screen at second {times[i]}?", chars[i],
+                       list(GLYPHS), first=chars)
+        drill["description"] = " ".join(facts)
+        drills.append(drill)
     return drills
+
+
+def script_texts(cfg, n, seed=0):
+    """n scenes that are never rendered, for the text-only lm stage: each one's caption and its questions. They are
+    drawn from a seed stream of their own ([seed, 3, i]; the splits use 0, 1, 2), so no test scene is among them.
+    Text is cheap where video is not (~2 ms a scene against ~0.1 s rendered and encoded): this is our stand-in for
+    the mass of text an LLM reads before it ever sees a video."""
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, 3, i])
+        scene = make_scene(rng, cfg, f"text_{i:05d}")
+        out.append((caption(scene), pick_questions(scene, rng, cfg)))
+    return out
 
 
 def questions_for(scene, rng):
     """Every question this scene supports, by category."""
     D, size, objs, glyphs = scene["duration"], scene["size"], scene["objects"], scene["glyphs"]
     chars = [g["char"] for g in glyphs]
-    other_chars = first_of(chars, rng.permutation(list(GLYPHS)))
     qs = {c: [] for c in CATEGORIES}
     if len(glyphs) >= 2:
         qs["temporal_ocr"].append(mc(rng, "temporal_ocr", "first_char", "Which character appeared first?",
-                                     chars[0], other_chars))
+                                     chars[0], list(GLYPHS), first=chars))
         qs["temporal_ocr"].append(mc(rng, "temporal_ocr", "last_char", "Which character appeared last?",
-                                     chars[-1], other_chars))
+                                     chars[-1], list(GLYPHS), first=chars))
         i = int(rng.integers(len(glyphs) - 1))
         qs["temporal_ocr"].append(mc(rng, "temporal_ocr", "char_after",
                                      f"Which character appeared right after the {chars[i]}?", chars[i + 1],
-                                     [c for c in other_chars if c != chars[i]]))
+                                     [c for c in GLYPHS if c != chars[i]], first=[c for c in chars if c != chars[i]]))
     for g in glyphs:
         s = int(np.ceil(g["start"] + 0.2))
         if s <= g["end"] - 0.2 and len(glyphs) >= 2:
             qs["temporal_ocr"].append(mc(rng, "temporal_ocr", "char_at_second",
-                                         f"Which character was on screen at second {s}?", g["char"], other_chars))
+                                         f"Which character was on screen at second {s}?", g["char"], list(GLYPHS),
+                                         first=chars))
             break
     if scene["camera"]:
         cam = scene["camera"]
@@ -318,20 +354,21 @@ def questions_for(scene, rng):
         if sorted(ys)[1] - ys[top] >= 6:
             qs["spatial"].append(mc(rng, "spatial", "highest_end",
                                     "Which object was nearest the top of the frame at the end?", shapes[top],
-                                    first_of(shapes, SHAPES)))
+                                    SHAPES, first=shapes))
     for o in objs:
         change = o["color_change"]
         if change is None:
             frame = o["appear"] == 0.0
             qs["perception"].append(mc(rng, "perception", "color", f"What colour is the {o['shape']}?", o["color"],
-                                       COLORS, shortcut="frame" if frame else None))
+                                       list(COLORS), shortcut="frame" if frame else None,
+                                       first=[p["color"] for p in objs]))
         else:
             qs["perception"].append(mc(rng, "perception", "color_start",
                                        f"What colour was the {o['shape']} when it appeared?", o["color"],
-                                       first_of([change["color"]], COLORS)))
+                                       list(COLORS), first=[change["color"]]))
             qs["perception"].append(mc(rng, "perception", "color_end",
                                        f"What colour was the {o['shape']} at the end?", change["color"],
-                                       first_of([o["color"]], COLORS)))
+                                       list(COLORS), first=[o["color"]]))
     all_at_start = all(o["appear"] == 0.0 for o in objs)
     qs["perception"].append(mc(rng, "perception", "count_objects", "How many objects appeared in the video?",
                                str(len(objs)), COUNTS[1:], shortcut="frame" if all_at_start else None))
@@ -340,11 +377,11 @@ def questions_for(scene, rng):
     if len(objs) >= 2:
         speeds = [np.hypot(o["vx"], o["vy"]) for o in objs]
         qs["reasoning"].append(mc(rng, "reasoning", "fastest", "Which object moved fastest?",
-                                  shapes[int(np.argmax(speeds))], first_of(shapes, SHAPES)))
+                                  shapes[int(np.argmax(speeds))], SHAPES, first=shapes))
         appear = sorted((o["appear"], o["shape"]) for o in objs)
         if appear[1][0] - appear[0][0] >= 1.0:
             qs["reasoning"].append(mc(rng, "reasoning", "appeared_first", "Which object appeared first?",
-                                      appear[0][1], first_of(shapes, SHAPES)))
+                                      appear[0][1], SHAPES, first=shapes))
     for o in objs:
         if len(o["bounces"]) <= 3:
             qs["reasoning"].append(mc(rng, "reasoning", "bounces",
@@ -435,7 +472,7 @@ def describe_span(scene, t0, t1):
 # The world on disk: generate once, reuse after
 
 
-WORLD_FORMAT = 2  # part of the cache key: bump it when the same config would now give other bytes
+WORLD_FORMAT = 3  # part of the cache key: bump it when the same config would now give other bytes
 
 
 def cpu_count():

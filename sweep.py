@@ -9,12 +9,15 @@ installed a plot like the paper's figure.
 
 Every run is a plain `train.py` run in its own folder, results/runs/STUDY/VARIANT-sSEED, so a study that is
 stopped and started again skips the runs that finished (their eval.json is there) and resumes the one that
-was cut off (train.py reuses finished stages and continues the interrupted one). The text-only stage lm does
-not depend on the vision side, so each seed trains it once per LM size and every variant starts from it
-(--lm_from), the way the paper's variants all start from one pretrained Qwen.
+was cut off (train.py reuses finished stages and continues the interrupted one). A run made by other code
+(any of SOURCES changed since) is trained again, so a component you swapped is what the study measures.
+The text-only stage lm does not depend on the vision side, so each seed trains it once per LM size and
+every variant starts from it (--lm_from), the way the paper's variants all start from one pretrained Qwen.
 """
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -91,10 +94,32 @@ def lm_key(args):
     return "-".join(a.split("=")[0][5:] + a.split("=")[1] for a in args if a.startswith(LM_ARGS)) or "default"
 
 
+SOURCES = ["data.py", "sampling.py", "encoders.py", "resampler.py", "integrate.py", "layers.py", "apollo.py",
+           "train.py"]
+
+
+def code_version():
+    """A hash of the code a run depends on: a run made by other code is not reused (you changed a component
+    to see what it does: the study must train again, not hand back the old numbers)."""
+    digest = hashlib.sha1()
+    for name in SOURCES:
+        with open(os.path.join(HERE, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
+
+
 def train(args, out, log):
-    """One train.py run into out (skipped when its eval.json is there); returns its eval.json."""
+    """One train.py run into out (skipped when its eval.json is there and the code is the same); returns its
+    eval.json. A folder made by other code is moved to OUT.old (replacing an older one) and the run starts over."""
+    stamp, version = os.path.join(out, "code_version.txt"), code_version()
+    if os.path.exists(out) and (not os.path.exists(stamp) or open(stamp).read() != version):
+        log(f"{out} was made by other code: moved to {out}.old, training again")
+        shutil.rmtree(out + ".old", ignore_errors=True)
+        os.replace(out, out + ".old")
     if not os.path.exists(os.path.join(out, "eval.json")):
         os.makedirs(out, exist_ok=True)
+        with open(stamp, "w") as f:
+            f.write(version)
         with open(os.path.join(out, "log.txt"), "a") as f:
             run = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args, f"--out_dir={out}",
                                   "--resume"], stdout=f, stderr=subprocess.STDOUT, cwd=HERE)
@@ -114,8 +139,7 @@ def run_study(name, seeds=3, preset="study", root="results", log=print):
         for seed in range(seeds):
             common = [f"--preset={preset}", f"--seed={seed}", f"--data_dir={os.path.join(root, 'data')}"]
             lm_dir = os.path.join(root, "runs", "lm", f"{preset}-{lm_key(args)}-s{seed}")
-            if not os.path.exists(os.path.join(lm_dir, "lm.pt")):
-                train([*common, *[a for a in args if a.startswith(LM_ARGS)], "--stage=lm"], lm_dir, log)
+            train([*common, *[a for a in args if a.startswith(LM_ARGS)], "--stage=lm"], lm_dir, log)  # or reuse
             out = os.path.join(root, "runs", name, f"{slug(variant)}-s{seed}")
             results.setdefault(variant, []).append(train([*common, *args, f"--lm_from={lm_dir}"], out, log))
     return results
@@ -140,7 +164,8 @@ def summarise(results):
     """variant -> {"overall": (mean, std), category: (mean, std), "n_seeds": n}."""
     out = {}
     for variant, runs in results.items():
-        row = {"overall": mean_std([r["overall"] for r in runs]), "n_seeds": len(runs)}
+        row = {"overall": mean_std([r["overall"] for r in runs]), "n_seeds": len(runs),
+               "without_video": mean_std([r.get("without_video", {}).get("overall") for r in runs])}
         for c in CATEGORIES:
             row[c] = mean_std([r["categories"].get(c) for r in runs])
         out[variant] = row
@@ -162,13 +187,14 @@ def report(name, summary, seeds, preset):
         return "-" if ms[0] is None else f"{100 * ms[0]:.1f} +- {100 * ms[1]:.1f}"
     lines = [f"# Study `{name}`: {study['what']}", "",
              f"`python sweep.py {name} --seeds={seeds} --preset={preset}`; accuracy in %, mean +- std over "
-             f"{seeds} seeds (the headline score: shortcut questions left out); paper: ApolloBench overall.", "",
-             "| variant | overall | " + " | ".join(CATEGORIES) + " | paper |",
-             "|---|---|" + "---|" * len(CATEGORIES) + "---|"]
+             f"{seeds} seeds (the headline score: shortcut questions left out); without the video: the same model and "
+             "questions, no visual tokens (what the text and the model's priors give); paper: ApolloBench overall.", "",
+             "| variant | overall | " + " | ".join(CATEGORIES) + " | without the video | paper |",
+             "|---|---|" + "---|" * len(CATEGORIES) + "---|---|"]
     for variant, row in summary.items():
         paper = study["paper"].get(variant)
         lines.append(f"| {variant} | **{cell(row['overall'])}** | " + " | ".join(cell(row[c]) for c in CATEGORIES)
-                     + f" | {paper if paper is not None else ''} |")
+                     + f" | {cell(row['without_video'])} | {paper if paper is not None else ''} |")
     ranked = sorted(summary, key=lambda v: -summary[v]["overall"][0])
     gap = summary[ranked[0]]["overall"][0] - summary[ranked[-1]]["overall"][0]
     spread = np.mean([summary[v]["overall"][1] for v in summary])

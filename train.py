@@ -40,7 +40,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from apollo import VISIONS, Apollo, answer_mc, config_from_flat
-from data import CATEGORIES, DataError, WorldConfig, cpu_count, describe_span, load_jsonl, make_world, reading_drills
+from data import (CATEGORIES, DataError, WorldConfig, cpu_count, describe_span, load_jsonl, make_world, reading_drills,
+                  script_texts)
 from encoders import Pretraining
 from integrate import IGNORE, INTEGRATIONS, PAD, Tokenizer, build_sample, format_mc, mc_answer, video_tokens
 from resampler import RESAMPLERS
@@ -109,7 +110,7 @@ class Config:
     encoders_lr: float = 3e-3
     contrastive_loss: str = "siglip"  # siglip | clip
     video_objective: str = "contrastive"  # contrastive | masked (VideoMAE-style, the self-supervised alternative)
-    lm_steps: int = 1000
+    lm_steps: int = 800
     align_steps: int = 60
     vision_steps: int = 60      # the encoders come pretrained: a short unfreezing
     sft_steps: int = 240
@@ -122,6 +123,7 @@ class Config:
     grad_clip: float = 1.0
     drills: int = 20000         # lm stage: short reading drills (data.reading_drills), in batches of their own
     drill_share: float = 0.8    # share of lm steps that take a batch of drills (they are ~10x cheaper)
+    lm_scenes: int = 5000       # lm stage: scenes scripted but never rendered, read as caption + questions (text)
     sft_caption_share: float = 0.3  # share of the training captions that sft keeps beside the questions
     text_share: float = 0.15    # share of text-only samples in sft (Apollo: some text is essential)
     grad_accum: int = 1         # micro-batches per step (each process takes batch_size / processes / grad_accum)
@@ -137,8 +139,8 @@ class Config:
 PRESETS = {
     "smoke": dict(n_train=24, n_val=4, n_test=8, max_seconds=6.0, vit_dim=32, vit_layers=1, lm_dim=32,
                   lm_layers=1, tokens_per_frame=2, resampler_layers=1, vocab_size=300, batch_size=8,
-                  encoders_steps=2, lm_steps=3, drills=64, align_steps=2, vision_steps=2, sft_steps=3, max_clips=2,
-                  log_every=1, ckpt_every=2),
+                  encoders_steps=2, lm_steps=3, drills=64, lm_scenes=16, align_steps=2, vision_steps=2, sft_steps=3,
+                  max_clips=2, log_every=1, ckpt_every=2),
     "cpu": dict(max_seconds=12.0),
     "study": dict(n_train=300, n_val=40, n_test=80, max_seconds=12.0, batch_size=16, lm_steps=800, align_steps=40,
                   vision_steps=40, sft_steps=150, encoders_steps=300),  # sweep.py: a run in ~3 min on 2 CPU cores
@@ -425,10 +427,15 @@ def stage_items(stage, world, cfg, rng):
     text_qa = conversation_items(questions, world, rng, context)  # text only: the caption stands for the video
     if stage == "lm":  # plain text: captions (the loss covers the whole text), drills, questions on captions
         texts = [answer for c in captions for _, answer in turns_of(c)]
-        drills = [{"kind": "drill", "turns": [(format_mc(q["question"], q["options"]),
+        drills = [{"kind": "drill", "turns": [((f"Description: {q['description']}\n" if "description" in q else "") +
+                                                format_mc(q["question"], q["options"]),
                                                 mc_answer(q["options"], q["answer"]))]}
                   for q in reading_drills(rng, cfg.drills)]
-        return [{"turns": [("", t)]} for t in texts] + text_qa + drills
+        scripts = []  # scenes never rendered: the caption stands for the video, as in text_qa
+        for text, qs in script_texts(world_config(cfg), cfg.lm_scenes, cfg.seed):
+            turns = [(format_mc(q["question"], q["options"]), mc_answer(q["options"], q["answer"])) for q in qs]
+            scripts.append({"turns": [(f"Description: {text}\n" + turns[0][0], turns[0][1])] + turns[1:]})
+        return [{"turns": [("", t)]} for t in texts] + text_qa + drills + scripts
     if stage in ("align", "vision"):  # captions; a user's data without any: its questions
         return [caption_item(c, world) for c in captions] or conversation_items(questions, world, rng)
     share = 1.0 if cfg.schedule == 1 else cfg.sft_caption_share  # one stage: the captions of all stages

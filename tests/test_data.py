@@ -178,13 +178,38 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
         load_jsonl(str(tmp_path / "missing.jsonl"))
 
 
-def test_reading_drills_answer_is_the_named_option():
-    drills = data.reading_drills(np.random.default_rng(0), 400)
+def test_reading_drills_answer_is_the_named_option_or_the_described_fact():
+    drills = data.reading_drills(np.random.default_rng(0), 600)
+    kinds = Counter(q["template"] for q in drills)
+    assert set(kinds) == {"which_option", "lookup_color", "lookup_bounces", "lookup_char"} and min(kinds.values()) > 60
     for q in drills:
-        word = q["question"][len("Which option is "):-1]
-        assert q["options"][ord(q["answer"]) - 65] == word and q["options"].count(word) == 1
+        answer = q["options"][ord(q["answer"]) - 65]
+        assert len(set(q["options"])) == 4
+        if q["template"] == "which_option":
+            assert answer == q["question"][len("Which option is "):-1] and "description" not in q
+            continue
+        facts = q["description"][:-1].split(". ")  # the sentences of the description
+        asked = q["question"][:-1].split()[-1]  # the shape, or the second
+        if q["template"] == "lookup_color":  # "A red circle appears at 2 s." / "What colour is the circle?"
+            told = {f.split()[2]: f.split()[1] for f in facts}
+        elif q["template"] == "lookup_bounces":  # "The circle bounces 2 times." / "...did the circle bounce..."
+            told, asked = {f.split()[1]: f.split()[3] for f in facts}, q["question"].split()[5]
+        else:  # "The character 7 is shown at 3 s." / "Which character was on screen at second 3?"
+            told = {f.split()[-2]: f.split()[2] for f in facts}
+        assert 2 <= len(facts) == len(told) <= 4 and told[asked] == answer, q
+        if q["template"] == "lookup_color":  # the other objects' colours are the distractors: binding is needed
+            assert set(q["options"]) >= set(list(told.values())[:4])
     letters = Counter(q["answer"] for q in drills)
     assert min(letters.values()) > 0.18 * len(drills)
+
+
+def test_script_texts_are_repeatable_and_not_the_test_scenes():
+    cfg = WorldConfig(seed=3, n_train=4, n_val=0, n_test=4, max_seconds=6.0)
+    texts = data.script_texts(cfg, 30, seed=3)
+    assert texts == data.script_texts(cfg, 30, seed=3) and texts != data.script_texts(cfg, 30, seed=4)
+    assert all(caption and qs for caption, qs in texts) and len({c for c, _ in texts}) == 30
+    test = [data.caption(data.make_scene(np.random.default_rng([3, 2, i]), cfg, "t")) for i in range(4)]
+    assert not set(test) & {c for c, _ in texts}
 
 
 def test_describe_span_says_what_the_script_shows():

@@ -24,12 +24,19 @@ def test_a_tiny_study_runs_caches_and_reports(tmp_path, monkeypatch):
     stamp = os.path.getmtime(tmp_path / "runs" / "tiny" / "perceiver-s0" / "eval.json")
     again = sweep.run_study("tiny", seeds=2, preset="smoke", root=root, log=lambda *a: None)
     assert again == results and os.path.getmtime(tmp_path / "runs" / "tiny" / "perceiver-s0" / "eval.json") == stamp
+    monkeypatch.setattr(sweep, "code_version", lambda: "changed")  # as if a component had been edited
+    sweep.run_study("tiny", seeds=1, preset="smoke", root=root, log=lambda *a: None)
+    assert os.path.getmtime(tmp_path / "runs" / "tiny" / "perceiver-s0" / "eval.json") > stamp
+    assert (tmp_path / "runs" / "tiny" / "perceiver-s0.old" / "eval.json").exists()
+    assert (tmp_path / "runs" / "lm" / "smoke-default-s0.old").exists()  # the shared LM was trained again too
     summary = sweep.summarise(results)
     mean, std = summary["perceiver"]["overall"]
     scores = [r["overall"] for r in results["perceiver"]]
     assert mean == pytest.approx(sum(scores) / 2) and std == pytest.approx(abs(scores[0] - scores[1]) / 2 ** 0.5)
     text = sweep.report("tiny", summary, 2, "smoke")
-    assert "| perceiver |" in text and "| 55.5 |" in text and "Best here" in text
+    assert "| perceiver |" in text and "| 55.5 |" in text and "Best here" in text and "without the video" in text
+    blind = [r["without_video"]["overall"] for r in results["perceiver"]]
+    assert summary["perceiver"]["without_video"][0] == pytest.approx(sum(blind) / 2)
 
 
 def test_r_squared_of_known_lists():

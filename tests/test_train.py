@@ -88,6 +88,18 @@ class Crashing(Samples):
         return super().__getitem__(i)
 
 
+def test_lm_stage_reads_captions_drills_and_unrendered_scripts(tiny_world, tmp_path):
+    world, cfg, tok, env = small_setup(tiny_world, tmp_path, "--lm_scenes=20", "--drills=40")
+    items = train.stage_items("lm", world, cfg, np.random.default_rng(0))
+    drills = [it for it in items if it.get("kind") == "drill"]
+    assert len(drills) == 40 and 5 < sum(it["turns"][0][0].startswith("Description: ") for it in drills) < 35
+    captions = {train.turns_of(c)[0][1] for c in train.split_rows(world, "train")[1]}
+    assert captions <= {it["turns"][0][1] for it in items if it["turns"][0][0] == ""}  # plain text: the captions
+    read = [it["turns"][0][0].split("\n")[0][len("Description: "):] for it in items
+            if not it.get("kind") and it["turns"][0][0].startswith("Description: ")]
+    assert len([r for r in read if r not in captions]) == 20  # the scripted scenes, beside the world's own
+
+
 def test_resume_continues_where_the_stage_stopped(tiny_world, tmp_path):
     """A stage interrupted after a checkpoint and resumed ends with the weights of an uninterrupted run."""
     def run(out, crash_in_step=None, resume=False):
