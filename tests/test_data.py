@@ -178,6 +178,26 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
         load_jsonl(str(tmp_path / "missing.jsonl"))
 
 
+def test_option_order_does_not_give_the_answer_away():
+    """Four options of a four-item kind (directions, relations, bounce counts 0-3): the three distractors must
+    not keep the kind's own order, or the answer is the one option out of place (a leak the models found:
+    egocentric 0.70 with no video at all, chance after the fix)."""
+    cfg, rng = WorldConfig(seed=5), np.random.default_rng(2)
+    pools = {"camera_direction": list(data.DIRECTIONS), "camera_first": list(data.DIRECTIONS),
+             "camera_end": list(data.DIRECTIONS), "relation_end": data.RELATIONS, "relation_glyph": data.RELATIONS,
+             "bounces": data.COUNTS[:4]}
+    in_order, total = Counter(), Counter()
+    while sum(total.values()) < 800:
+        for q in data.pick_questions(data.make_scene(rng, cfg, "v"), rng, cfg):
+            if q["template"] in pools and not q["shortcut"]:
+                rest = [o for k, o in enumerate(q["options"]) if k != ord(q["answer"]) - 65]
+                in_order[q["template"]] += rest == [p for p in pools[q["template"]] if p in rest]
+                total[q["template"]] += 1
+    assert len(total) >= 5
+    for t in total:  # shuffled: 1 in 6 by chance
+        assert in_order[t] / total[t] < 0.35, (t, in_order[t], total[t])
+
+
 def test_reading_drills_answer_is_the_named_option_or_the_described_fact():
     drills = data.reading_drills(np.random.default_rng(0), 600)
     kinds = Counter(q["template"] for q in drills)
