@@ -172,10 +172,14 @@ def build(right, choices, items, text_max=0.5, frame_max=0.5, easy_max=0.9, top=
                    "easy": int(sum(easy[q] & ~blind["text"][q] & ~blind["frame"][q] for q in range(len(items))
                                    if categories[q] == c)),
                    "kept": sum(1 for q in chosen if categories[q] == c)} for c in sorted(set(categories))}
-    recall, precision = recall_precision(blind["text"] | blind["frame"], [bool(it.get("shortcut")) for it in items])
+    caught = blind["text"] | blind["frame"]
+    recall, precision = recall_precision(caught, [bool(it.get("shortcut")) for it in items])
+    by_kind = {k: recall_precision(caught, [it.get("shortcut") == k for it in items])[0]  # recall of each kind
+               for k in sorted({it["shortcut"] for it in items if it.get("shortcut")})}
     video = right[:, :, MODES.index("video")]
     on_pool, on_bench = video.mean(1), video[:, chosen].mean(1) if chosen else np.full(len(video), np.nan)
     return chosen, {"removed": removed, "shortcut_recall": recall, "shortcut_precision": precision,
+                    "shortcut_recall_by_kind": by_kind,
                     "pool_questions": len(items), "bench_questions": len(chosen),
                     "zoo_on_pool": on_pool.tolist(), "zoo_on_bench": on_bench.tolist(),
                     "spread_pool": float(on_pool.std()), "spread_bench": float(on_bench.std()),
@@ -240,7 +244,8 @@ def report_text(rep):
              "|---|---|---|---|---|---|"]
     for c, r in rep["removed"].items():
         lines.append(f"| {c} | {r['pool']} | {r['text']} | {r['frame']} | {r['easy']} | {r['kept']} |")
-    lines += ["", f"planted shortcuts caught: recall {rep['shortcut_recall']:.2f}, precision "
+    kinds = ", ".join(f"{k} {v:.2f}" for k, v in rep.get("shortcut_recall_by_kind", {}).items())
+    lines += ["", f"planted shortcuts caught: recall {rep['shortcut_recall']:.2f} ({kinds}), precision "
               f"{rep['shortcut_precision']:.2f}",
               f"questions: pool {rep['pool_questions']}, benchmark {rep['bench_questions']} "
               f"({rep['cost_ratio']:.1f}x cheaper to evaluate)",

@@ -60,6 +60,7 @@ def test_build_on_a_known_matrix():
     assert rep["removed"]["a"] == {"pool": 3, "text": 1, "frame": 1, "easy": 1, "kept": 0}
     assert rep["removed"]["b"] == {"pool": 3, "text": 1, "frame": 0, "easy": 0, "kept": 1}
     assert rep["shortcut_recall"] == 1.0 and rep["shortcut_precision"] == pytest.approx(2 / 3)
+    assert rep["shortcut_recall_by_kind"] == {"frame": 1.0, "text": 1.0}
 
 
 def test_a_model_asked_in_three_modes(tmp_path, tiny_world):
