@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from encoders import EncoderConfig, ImageEncoder, VideoEncoder, fuse_grids, preprocess
-from integrate import EOS, IGNORE, VIDEO, Tokenizer, build_sample, format_mc, mc_answer, video_tokens
+from integrate import EOS, IGNORE, VIDEO, Tokenizer, build_sample, format_mc, option_answers, video_tokens
 from layers import Block, RMSNorm, causal_mask, rope_tables
 from resampler import Projector, ResamplerConfig, make_resampler
 from sampling import VideoError, sample_clips
@@ -125,39 +125,37 @@ class Apollo(nn.Module):
 
 
 @torch.no_grad()
-def answer_mc(model, ids, lengths, frames, choices):
+def answer_mc(model, ids, lengths, frames, option_ids):
     """The model's choice on each multiple-choice prompt: the option whose whole answer (" blue (B)", as the
     model was trained to say it) is most likely after the prompt. ids (B, S) right-padded prompts, lengths (B,),
-    choices[b][k] the ids of option k's answer -> (B,) 0-based choices.
+    option_ids[b][k] the ids of option k's answer (integrate.option_answers) -> (B,) 0-based choices.
     Scoring the options, not decoding freely, keeps the model's word among the options: a from-scratch LM
     that says a colour not on the list has still told us which listed colour it finds likeliest."""
-    return option_logprobs(model, ids, lengths, frames, choices).argmax(-1)
+    return option_logprobs(model, ids, lengths, frames, option_ids).argmax(-1)
 
 
 @torch.no_grad()
-def option_logprobs(model, ids, lengths, frames, choices):
+def option_logprobs(model, ids, lengths, frames, option_ids):
     """log P(answer k | prompt b), summed over the answer's tokens -> (B, K), -inf past an item's options. Each
     prompt is written out once per option and all rows go through the model in one pass; the video is encoded
     once and its tokens given to each of its prompt's rows."""
     visual = model.encode_video(frames).flatten(0, 1) if frames is not None and frames.numel() > 0 else None
     ends = (ids == VIDEO).sum(1).cumsum(0).tolist()  # where each prompt's visual tokens end in visual (C*L, D)
-    rows, spans, vis = [], [], []
-    for b, answers in enumerate(choices):
+    rows, where, vis = [], [], []  # one row per (prompt b, option k); the answer starts at position lo
+    for b, answers in enumerate(option_ids):
         prompt = ids[b, : lengths[b]].tolist()
-        for answer in answers:
+        for k, answer in enumerate(answers):
             rows.append(prompt + list(answer))
-            spans.append((b, len(prompt), len(rows[-1])))  # the answer's positions in its row
+            where.append((b, k, len(prompt)))
             if visual is not None:
                 vis.append(visual[(ends[b - 1] if b else 0): ends[b]])
-    x = ids.new_zeros(len(rows), max(map(len, rows)))  # (R, S'): one row per (prompt, option)
+    x = ids.new_zeros(len(rows), max(map(len, rows)))  # (R, S')
     for r, row in enumerate(rows):
         x[r, : len(row)] = torch.tensor(row)
     logp = model(x, visual=torch.cat(vis) if vis else None)[0].float().log_softmax(-1)  # (R, S', vocab)
-    scores = torch.full((len(choices), max(map(len, choices))), float("-inf"), device=ids.device)  # (B, K)
-    k = 0
-    for r, (b, lo, hi) in enumerate(spans):
-        k = k + 1 if r and spans[r - 1][0] == b else 0
-        # position i predicts token i + 1: the answer's tokens lo .. hi - 1 are predicted at lo - 1 .. hi - 2
+    scores = torch.full((len(option_ids), max(map(len, option_ids))), float("-inf"), device=ids.device)  # (B, K)
+    for r, (b, k, lo) in enumerate(where):
+        hi = len(rows[r])  # position i predicts token i + 1: answer tokens lo .. hi - 1 from lo - 1 .. hi - 2
         scores[b, k] = logp[r, torch.arange(lo - 1, hi - 1), x[r, lo:hi]].sum()
     return scores
 
@@ -231,8 +229,8 @@ def main(argv):
     if "options" in opts:
         options = [o.strip() for o in opts["options"].split(",")]
         ids = build_sample(tok, [(format_mc(question, options), "")], ids_of_video)[0][:-1]
-        answers = [tok.encode(mc_answer(options, chr(65 + k))) for k in range(len(options))]
-        choice = int(answer_mc(model, torch.tensor([ids]), torch.tensor([len(ids)]), frames, [answers])[0])
+        choice = int(answer_mc(model, torch.tensor([ids]), torch.tensor([len(ids)]), frames,
+                               [option_answers(tok, options)])[0])
         print(f"answer: {options[choice]} ({chr(65 + choice)})")
         return options[choice]
     ids = build_sample(tok, [(question.strip() + "\n", "")], ids_of_video)[0][:-1]

@@ -243,8 +243,9 @@ def mc(rng, category, template, question, answer, pool, shortcut=None, first=())
     that a question cannot be answered by picking the one option the video shows."""
     near = [p for p in dict.fromkeys(first) if p != answer]
     rest = [p for p in dict.fromkeys(pool) if p != answer and p not in near]
-    options = [str(o) for o in rng.permutation(near)[:3]] if near else []
-    options += [str(o) for o in rng.permutation(rest)[: 3 - len(options)]] if rest and len(options) < 3 else []
+    options = list(rng.permutation(near)[:3]) if near else []
+    if len(options) < 3 and rest:
+        options += list(rng.permutation(rest)[: 3 - len(options)])
     assert len(options) == 3, (template, answer, pool)
     k = int(rng.integers(4))
     options.insert(k, answer)

@@ -132,6 +132,11 @@ def mc_answer(options, letter):
     return f" {options[ord(letter) - 65]} ({letter})"
 
 
+def option_answers(tok, options):
+    """The ids of each option's answer (mc_answer), for scoring: what the model weighs, option by option."""
+    return [tok.encode(mc_answer(options, chr(65 + k))) for k in range(len(options))]
+
+
 def build_sample(tok, turns, video=None):
     """ids and labels for <bos> [video ids] prompt1 answer1 \n prompt2 answer2 ... <eos>: a conversation of
     (prompt, answer) turns about one video, the loss on the answers and the final <eos> only."""

@@ -112,7 +112,8 @@ def train(args, out, log):
     """One train.py run into out (skipped when its eval.json is there and the code is the same); returns its
     eval.json. A folder made by other code is moved to OUT.old (replacing an older one) and the run starts over."""
     stamp, version = os.path.join(out, "code_version.txt"), code_version()
-    if os.path.exists(out) and (not os.path.exists(stamp) or open(stamp).read() != version):
+    made_by = open(stamp).read() if os.path.exists(stamp) else None
+    if os.path.exists(out) and made_by != version:
         log(f"{out} was made by other code: moved to {out}.old, training again")
         shutil.rmtree(out + ".old", ignore_errors=True)
         os.replace(out, out + ".old")

@@ -43,7 +43,8 @@ from apollo import VISIONS, Apollo, answer_mc, config_from_flat
 from data import (CATEGORIES, DataError, WorldConfig, cpu_count, describe_span, load_jsonl, make_world, reading_drills,
                   script_texts)
 from encoders import Pretraining
-from integrate import IGNORE, INTEGRATIONS, PAD, Tokenizer, build_sample, format_mc, mc_answer, video_tokens
+from integrate import (IGNORE, INTEGRATIONS, PAD, Tokenizer, build_sample, format_mc, mc_answer, option_answers,
+                       video_tokens)
 from resampler import RESAMPLERS
 from sampling import VideoError, sample_clips
 
@@ -321,13 +322,13 @@ class Samples(torch.utils.data.Dataset):
         if item.get("video"):
             frames, clips = self.clips_of(item["video"])
             video = video_tokens(self.tok, clips, self.tokens_per_clip, self.cfg.integration)
-        choices = None
+        option_ids = None
         if item.get("eval"):  # scoring: the prompt, and each option's answer for the model to weigh
             ids, labels = build_sample(self.tok, [(item["turns"][0][0], "")], video)[0][:-1], None
-            choices = [self.tok.encode(mc_answer(item["options"], chr(65 + k))) for k in range(len(item["options"]))]
+            option_ids = option_answers(self.tok, item["options"])
         else:
             ids, labels = build_sample(self.tok, item["turns"], video)
-        return {"ids": ids, "labels": labels, "frames": frames, "video": item.get("video"), "choices": choices}
+        return {"ids": ids, "labels": labels, "frames": frames, "video": item.get("video"), "option_ids": option_ids}
 
 
 def pad(seqs, fill=PAD):
@@ -347,7 +348,7 @@ def collate(batch):
     frames = [b["frames"] for b in batch if b["frames"] is not None]
     return {"ids": ids, "labels": labels, "frames": torch.cat(frames) if frames else None,
             "videos": [(b["video"], len(b["frames"])) for b in batch if b["frames"] is not None],
-            "lengths": torch.tensor([len(b["ids"]) for b in batch]), "choices": [b["choices"] for b in batch]}
+            "lengths": torch.tensor([len(b["ids"]) for b in batch]), "option_ids": [b["option_ids"] for b in batch]}
 
 
 def batches(pools, batch_size, seed, start_step, shares):
@@ -367,10 +368,19 @@ def batches(pools, batch_size, seed, start_step, shares):
         pos[k], step = pos[k] + batch_size, step + 1
 
 
+def mc_turn(q):
+    """A question's (prompt, answer) turn: the options listed, the answer as the model learns to say it."""
+    return format_mc(q["question"], q["options"]), mc_answer(q["options"], q["answer"])
+
+
+def described(text, turns):
+    """Text only: a description (a caption) stands for the video, before the first turn."""
+    return [(f"Description: {text}\n" + turns[0][0], turns[0][1])] + turns[1:]
+
+
 def mc_item(q, root):
     """One multiple-choice question about its video: what evaluation scores."""
-    return {"video": os.path.join(root, q["video"]),
-            "turns": [(format_mc(q["question"], q["options"]), mc_answer(q["options"], q["answer"]))],
+    return {"video": os.path.join(root, q["video"]), "turns": [mc_turn(q)],
             "options": q["options"], "answer": q["answer"], "n_options": len(q["options"]),
             "category": q.get("category", "unknown"),
             "shortcut": q.get("shortcut")}
@@ -381,16 +391,14 @@ def conversation_items(questions, root, rng, context=None):
     serves several answers. With context (video -> caption), the caption replaces the video: text only."""
     by_video = {}
     for q in questions:
-        by_video.setdefault(q["video"], []).append((format_mc(q["question"], q["options"]),
-                                                    mc_answer(q["options"], q["answer"])))
+        by_video.setdefault(q["video"], []).append(mc_turn(q))
     items = []
     for video, turns in by_video.items():
         turns = [turns[i] for i in rng.permutation(len(turns))]
         if context is None:
             items.append({"video": os.path.join(root, video), "turns": turns})
         else:
-            described = f"Description: {context[video]}\n" if video in context else ""
-            items.append({"video": None, "turns": [(described + turns[0][0], turns[0][1])] + turns[1:]})
+            items.append({"video": None, "turns": described(context[video], turns) if video in context else turns})
     return items
 
 
@@ -427,14 +435,11 @@ def stage_items(stage, world, cfg, rng):
     text_qa = conversation_items(questions, world, rng, context)  # text only: the caption stands for the video
     if stage == "lm":  # plain text: captions (the loss covers the whole text), drills, questions on captions
         texts = [answer for c in captions for _, answer in turns_of(c)]
-        drills = [{"kind": "drill", "turns": [((f"Description: {q['description']}\n" if "description" in q else "") +
-                                                format_mc(q["question"], q["options"]),
-                                                mc_answer(q["options"], q["answer"]))]}
-                  for q in reading_drills(rng, cfg.drills)]
-        scripts = []  # scenes never rendered: the caption stands for the video, as in text_qa
-        for text, qs in script_texts(world_config(cfg), cfg.lm_scenes, cfg.seed):
-            turns = [(format_mc(q["question"], q["options"]), mc_answer(q["options"], q["answer"])) for q in qs]
-            scripts.append({"turns": [(f"Description: {text}\n" + turns[0][0], turns[0][1])] + turns[1:]})
+        drills = [{"kind": "drill", "turns": described(q["description"], [mc_turn(q)]) if "description" in q
+                   else [mc_turn(q)]} for q in reading_drills(rng, cfg.drills)]
+        # scenes scripted but never rendered: the caption stands for the video, as in text_qa
+        scripts = [{"turns": described(text, [mc_turn(q) for q in qs])}
+                   for text, qs in script_texts(world_config(cfg), cfg.lm_scenes, cfg.seed)]
         return [{"turns": [("", t)]} for t in texts] + text_qa + drills + scripts
     if stage in ("align", "vision"):  # captions; a user's data without any: its questions
         return [caption_item(c, world) for c in captions] or conversation_items(questions, world, rng)
@@ -640,7 +645,7 @@ def predict(model, dataset, cfg, env):
         batch = to_device(collate([dataset[i] for i in range(lo, min(lo + cfg.eval_batch_size, len(dataset)))]),
                           env["device"])
         with env["autocast"]():
-            choices += answer_mc(model, batch["ids"], batch["lengths"], batch["frames"], batch["choices"]).tolist()
+            choices += answer_mc(model, batch["ids"], batch["lengths"], batch["frames"], batch["option_ids"]).tolist()
     model.train()
     return choices
 

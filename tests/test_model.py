@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from apollo import Apollo, ApolloConfig, LMConfig, answer_mc, option_logprobs
 from encoders import EncoderConfig, ImageEncoder, preprocess
 from integrate import (BOS, EOS, IGNORE, PAD, SPECIALS, VID_END, VID_START, VIDEO, Tokenizer, build_sample, format_mc,
-                       mc_answer, video_tokens)
+                       mc_answer, option_answers, video_tokens)
 from resampler import PerceiverResampler, PoolResampler, Projector, ResamplerConfig, pool_shape
 
 CORPUS = ["A red circle appears at 0 s. The camera pans left.", "Which character appeared first?",
@@ -171,7 +171,7 @@ def test_answer_mc_picks_the_answer_the_model_learned():
     prompts = [build_sample(tok, [(format_mc(q, o), "")])[0][:-1] for q, o, _ in qs]
     P = max(map(len, prompts))
     batch = torch.tensor([p + [PAD] * (P - len(p)) for p in prompts])
-    answers = [[tok.encode(mc_answer(o, chr(65 + k))) for k in range(4)] for _, o, _ in qs]
+    answers = [option_answers(tok, o) for _, o, _ in qs]
     choice = answer_mc(model.eval(), batch, torch.tensor([len(p) for p in prompts]), None, answers)
     assert choice.tolist() == [1, 3]
 
