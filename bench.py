@@ -1,8 +1,8 @@
 """
 ApolloBench in miniature (Apollo §2): evaluate a model three ways, and build a benchmark that needs the video.
 
-    python bench.py eval --ckpt=out/sft.pt                          # our test split: video, centre frame, text only
-    python bench.py eval --ckpt=out/sft.pt --jsonl=my/test.jsonl    # a user's multiple-choice JSONL
+    python bench.py eval --ckpt=out/sft.pt         # our test split: video, centre frame, text only, caption as text
+    python bench.py eval --ckpt=out/sft.pt --jsonl=my/test.jsonl --modes=video,text   # a user's multiple choice
     python bench.py build --zoo=results/runs --pool_videos=300 --top=30
 
 `build` asks every model of a zoo (each folder under --zoo holding a trained sft.pt) every question of a fresh
@@ -31,7 +31,8 @@ import train
 from data import load_jsonl, make_world, write_jsonl
 from sampling import sample_uniform
 
-MODES = ["video", "frame", "text"]
+MODES = ["video", "frame", "text"]  # what build asks every model
+EVAL_MODES = MODES + ["caption"]  # eval also: the video's caption as text in its place (perfect perception)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,14 +86,26 @@ def mc_items(jsonl):
     return [dict(train.mc_item(q, root), eval=True, id=q.get("id")) for q in load_jsonl(jsonl)]
 
 
-def evaluate_modes(ckpt, jsonl=None, modes=MODES, device="auto"):
+def evaluate_modes(ckpt, jsonl=None, modes=EVAL_MODES, device="auto", log=print):
+    """Accuracy in each mode; "caption" needs every video's caption (captions_NAME.jsonl beside NAME.jsonl, as our
+    world writes them, or conversations in NAME.jsonl): without them it is left out, with a note."""
     model, tok, cfg, env = load_run(ckpt, device)
     if jsonl is None:
         jsonl = os.path.join(make_world(train.world_config(cfg), cfg.data_dir, log=lambda *a: None), "test.jsonl")
     items = mc_items(jsonl)
     out = {"ckpt": ckpt, "jsonl": jsonl}
     for mode in modes:
-        choices = ask(model, tok, cfg, env, items, mode)
+        if mode == "caption":
+            told = train.described_items(items, os.path.dirname(os.path.abspath(jsonl)),
+                                         os.path.splitext(os.path.basename(jsonl))[0])
+            if told is None:
+                log(f"caption: left out: not every video of {jsonl} has a caption")
+                continue
+            choices = train.predict(model, train.Samples(told, tok, cfg, model.tokens_per_clip), cfg, env)
+        elif mode in MODES:
+            choices = ask(model, tok, cfg, env, items, mode)
+        else:
+            raise SystemExit(f"error: unknown mode {mode!r}; choose from {EVAL_MODES}")
         out[mode] = train.score(items, [c == ord(it["answer"]) - 65 for c, it in zip(choices, items)])
     return out
 
@@ -262,13 +275,13 @@ def main(argv):
     if argv[0] == "eval":
         if "ckpt" not in opts:
             raise SystemExit("error: bench.py eval needs --ckpt=PATH (a run's sft.pt)")
-        result = evaluate_modes(opts["ckpt"], opts.get("jsonl"), opts.get("modes", ",".join(MODES)).split(","),
+        result = evaluate_modes(opts["ckpt"], opts.get("jsonl"), opts.get("modes", ",".join(EVAL_MODES)).split(","),
                                 opts.get("device", "auto"))
-        for mode in MODES:
+        for mode in EVAL_MODES:
             if mode in result:
                 r = result[mode]
                 cats = " ".join(f"{k} {v:.3f}" for k, v in r["categories"].items())
-                print(f"{mode:>5}: {r['overall']:.3f} (chance {r['chance']:.2f}, n={r['n']}) | {cats}")
+                print(f"{mode:>7}: {r['overall']:.3f} (chance {r['chance']:.2f}, n={r['n']}) | {cats}")
         if "json" in opts:
             with open(opts["json"], "w") as f:
                 json.dump(result, f, indent=1)

@@ -402,6 +402,14 @@ def conversation_items(questions, root, rng, context=None):
     return items
 
 
+def described_items(items, world, split="test"):
+    """Items with their video's caption, as text, in place of the video (None unless every video has one)."""
+    captions = {os.path.join(world, c["video"]): turns_of(c)[0][1] for c in split_rows(world, split)[1] if turns_of(c)}
+    if not items or any(it.get("video") not in captions for it in items):
+        return None
+    return [dict(it, video=None, turns=described(captions[it["video"]], it["turns"])) for it in items]
+
+
 def split_rows(world, split):
     """A split's multiple-choice questions and its conversations (captions, instructions): from {split}.jsonl,
     which may hold both formats (a user's data), and from captions_{split}.jsonl where there is one (our world)."""
@@ -836,12 +844,19 @@ def run(cfg, env):
     blind = evaluate(model, Samples([dict(it, video=None) for it in test.items], tok, cfg, model.tokens_per_clip),
                      cfg, env)
     result["without_video"] = {"overall": blind["overall"], "categories": blind["categories"]}
+    # and with the video's caption, as text, in its place: perfect perception, so what the LM makes of what it
+    # sees; the gap to "overall" is what the vision side loses (our world's test videos have captions)
+    told = described_items(test.items, world)
+    if told:
+        told = evaluate(model, Samples(told, tok, cfg, model.tokens_per_clip), cfg, env)
+        result["with_caption"] = {"overall": told["overall"], "categories": told["categories"]}
     result["minutes"] = round((time.perf_counter() - t_start) / 60, 2)
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)
     cats = " ".join(f"{k} {v:.3f}" for k, v in result["categories"].items())
     print(f"test accuracy {result['overall']:.3f} (chance {result['chance']:.2f}, n={result['n']}; "
-          f"{result['with_shortcuts']['overall']:.3f} with shortcuts; {blind['overall']:.3f} without the video) | "
+          f"{result['with_shortcuts']['overall']:.3f} with shortcuts; {blind['overall']:.3f} without the video"
+          + (f"; {told['overall']:.3f} with the caption instead" if told else "") + ") | "
           f"{cats} | {result['minutes']} min")
     return result
 

@@ -1,4 +1,4 @@
-"""bench.py: the filter's pure functions on hand-made matrices, and a model asked in three modes.
+"""bench.py: the filter's pure functions on hand-made matrices, and a model asked in each mode.
 
     pytest tests/test_bench.py
 """
@@ -12,6 +12,7 @@ import torch
 
 import bench
 import train
+from data import load_jsonl, write_jsonl
 from integrate import VIDEO
 
 V, F, T = 0, 1, 2  # the modes' columns: video, frame, text
@@ -63,7 +64,7 @@ def test_build_on_a_known_matrix():
     assert rep["shortcut_recall_by_kind"] == {"frame": 1.0, "text": 1.0}
 
 
-def test_a_model_asked_in_three_modes(tmp_path, tiny_world):
+def test_a_model_asked_in_each_mode(tmp_path, tiny_world):
     world, _ = tiny_world
     out = tmp_path / "run"
     train.main(["--preset=smoke", f"--out_dir={out}", f"--data_dir={tmp_path / 'data'}"])
@@ -73,9 +74,19 @@ def test_a_model_asked_in_three_modes(tmp_path, tiny_world):
     assert frame["frames"].shape[0] == 1 and torch.equal(frame["frames"][0, 0], frame["frames"][0, -1])
     text = bench.ModeSamples(items, tok, cfg, model.tokens_per_clip, "text")[0]
     assert text["frames"] is None and VIDEO not in text["ids"]  # no visual tokens at all
+    told = train.Samples(train.described_items(items, world), tok, cfg, model.tokens_per_clip)[0]  # mode caption
+    assert told["frames"] is None and VIDEO not in told["ids"]
+    caption = [c for c in load_jsonl(f"{world}/captions_test.jsonl") if c["video"] in items[0]["video"]]
+    assert tok.decode(told["ids"][1:]).startswith(f"Description: {caption[0]['conversations'][1]['value']}\n")
     result = bench.evaluate_modes(str(out / "sft.pt"), f"{world}/test.jsonl", device="cpu")
-    for mode in bench.MODES:
+    for mode in bench.EVAL_MODES:
         assert result[mode]["with_shortcuts"]["n"] == len(items) and 0 <= result[mode]["overall"] <= 1
+    # a user's JSONL whose videos have no captions: the caption mode is left out, with a note
+    lone = tmp_path / "lone.jsonl"
+    write_jsonl(str(lone), [dict(q, video=os.path.join(world, q["video"])) for q in load_jsonl(f"{world}/test.jsonl")])
+    notes = []
+    result = bench.evaluate_modes(str(out / "sft.pt"), str(lone), ["caption", "text"], "cpu", log=notes.append)
+    assert "caption" not in result and "text" in result and "lone.jsonl" in notes[0]
     # asking the trained model about one video from the command line (apollo.py)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     video = items[0]["video"]

@@ -28,9 +28,10 @@ def test_smoke_preset_runs_the_whole_pipeline_in_under_a_minute(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert time.time() - start < 60
     result = json.loads((out / "eval.json").read_text())
-    assert set(result) >= {"overall", "categories", "n", "chance", "with_shortcuts", "without_video"}
+    assert set(result) >= {"overall", "categories", "n", "chance", "with_shortcuts", "without_video", "with_caption"}
     assert set(result["categories"]) <= set(train.CATEGORIES) and result["chance"] == 0.25
     assert set(result["without_video"]["categories"]) == set(result["categories"])
+    assert set(result["with_caption"]["categories"]) == set(result["categories"])  # the caption read in its place
     assert 0 <= result["overall"] <= 1 and result["n"] < result["with_shortcuts"]["n"]
     assert json.loads((out / "config.json").read_text())["preset"] == "smoke"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
