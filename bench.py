@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 
+import samples
 import train
 from data import load_jsonl, make_world, write_jsonl
 from sampling import sample_uniform
@@ -39,7 +40,7 @@ EVAL_MODES = MODES + ["caption"]  # eval also: the video's caption as text in it
 # Asking a model in three modes
 
 
-class ModeSamples(train.Samples):
+class ModeSamples(samples.Samples):
     """Samples whose visual input is the video (as in training), its centre frame only, or nothing."""
 
     def __init__(self, items, tok, cfg, tokens_per_clip, mode):
@@ -83,7 +84,7 @@ def ask(model, tok, cfg, env, items, mode):
 def mc_items(jsonl):
     """Multiple-choice items of a JSONL file (ours or a user's), videos relative to it."""
     root = os.path.dirname(os.path.abspath(jsonl))
-    return [dict(train.mc_item(q, root), eval=True, id=q.get("id")) for q in load_jsonl(jsonl)]
+    return [dict(samples.mc_item(q, root), eval=True, id=q.get("id")) for q in load_jsonl(jsonl)]
 
 
 def evaluate_modes(ckpt, jsonl=None, modes=EVAL_MODES, device="auto", log=print):
@@ -91,17 +92,17 @@ def evaluate_modes(ckpt, jsonl=None, modes=EVAL_MODES, device="auto", log=print)
     world writes them, or conversations in NAME.jsonl): without them it is left out, with a note."""
     model, tok, cfg, env = load_run(ckpt, device)
     if jsonl is None:
-        jsonl = os.path.join(make_world(train.world_config(cfg), cfg.data_dir, log=lambda *a: None), "test.jsonl")
+        jsonl = os.path.join(make_world(samples.world_config(cfg), cfg.data_dir, log=lambda *a: None), "test.jsonl")
     items = mc_items(jsonl)
     out = {"ckpt": ckpt, "jsonl": jsonl}
     for mode in modes:
         if mode == "caption":
-            told = train.described_items(items, os.path.dirname(os.path.abspath(jsonl)),
+            told = samples.described_items(items, os.path.dirname(os.path.abspath(jsonl)),
                                          os.path.splitext(os.path.basename(jsonl))[0])
             if told is None:
                 log(f"caption: left out: not every video of {jsonl} has a caption")
                 continue
-            choices = train.predict(model, train.Samples(told, tok, cfg, model.tokens_per_clip), cfg, env)
+            choices = train.predict(model, samples.Samples(told, tok, cfg, model.tokens_per_clip), cfg, env)
         elif mode in MODES:
             choices = ask(model, tok, cfg, env, items, mode)
         else:
@@ -219,7 +220,7 @@ def run_build(opts, log=print):
         raise SystemExit(f"error: found {len(zoo)} trained models under {opts['zoo']}; the filter needs a zoo")
     out = opts.get("out", "results/bench")
     _, _, cfg0, _ = load_run(zoo[0], "cpu")
-    pool_cfg = train.world_config(cfg0, seed=int(opts.get("pool_seed", 1000)), n_train=0, n_val=0,
+    pool_cfg = samples.world_config(cfg0, seed=int(opts.get("pool_seed", 1000)), n_train=0, n_val=0,
                                   n_test=int(opts.get("pool_videos", 300)))
     world = make_world(pool_cfg, cfg0.data_dir)
     items = mc_items(os.path.join(world, "test.jsonl"))

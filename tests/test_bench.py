@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import bench
+import samples
 import train
 from data import load_jsonl, write_jsonl
 from integrate import VIDEO
@@ -74,7 +75,7 @@ def test_a_model_asked_in_each_mode(tmp_path, tiny_world):
     assert frame["frames"].shape[0] == 1 and torch.equal(frame["frames"][0, 0], frame["frames"][0, -1])
     text = bench.ModeSamples(items, tok, cfg, model.tokens_per_clip, "text")[0]
     assert text["frames"] is None and VIDEO not in text["ids"]  # no visual tokens at all
-    told = train.Samples(train.described_items(items, world), tok, cfg, model.tokens_per_clip)[0]  # mode caption
+    told = samples.Samples(samples.described_items(items, world), tok, cfg, model.tokens_per_clip)[0]  # mode caption
     assert told["frames"] is None and VIDEO not in told["ids"]
     caption = [c for c in load_jsonl(f"{world}/captions_test.jsonl") if c["video"] in items[0]["video"]]
     assert tok.decode(told["ids"][1:]).startswith(f"Description: {caption[0]['conversations'][1]['value']}\n")
@@ -114,6 +115,6 @@ def test_build_writes_a_benchmark_from_a_zoo(tmp_path):
     rep = bench.main(["build", f"--zoo={tmp_path / 'zoo'}", "--pool_videos=4", "--top=2", f"--out={out}",
                       "--stages=vision,sft", "--device=cpu"])
     assert len(rep["zoo"]) == 4 and rep["bench_questions"] == sum(r["kept"] for r in rep["removed"].values())
-    rows = train.load_jsonl(str(out / "bench.jsonl"))
+    rows = load_jsonl(str(out / "bench.jsonl"))
     assert len(rows) == rep["bench_questions"] and all((out / r["video"]).exists() for r in rows)
     json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in report.json"))

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+import samples
 import train
-from data import write_mp4
-from train import ConfigError, Samples, config_from_args
+from data import load_jsonl, write_mp4
+from samples import Samples
+from train import ConfigError, config_from_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,10 +93,10 @@ class Crashing(Samples):
 
 def test_lm_stage_reads_captions_drills_and_unrendered_scripts(tiny_world, tmp_path):
     world, cfg, tok, env = small_setup(tiny_world, tmp_path, "--lm_scenes=20", "--drills=40")
-    items = train.stage_items("lm", world, cfg, np.random.default_rng(0))
+    items = samples.stage_items("lm", world, cfg, np.random.default_rng(0))
     drills = [it for it in items if it.get("kind") == "drill"]
     assert len(drills) == 40 and 5 < sum(it["turns"][0][0].startswith("Description: ") for it in drills) < 35
-    captions = {train.turns_of(c)[0][1] for c in train.split_rows(world, "train")[1]}
+    captions = {samples.turns_of(c)[0][1] for c in samples.split_rows(world, "train")[1]}
     assert captions <= {it["turns"][0][1] for it in items if it["turns"][0][0] == ""}  # plain text: the captions
     read = [it["turns"][0][0].split("\n")[0][len("Description: "):] for it in items
             if not it.get("kind") and it["turns"][0][0].startswith("Description: ")]
@@ -107,7 +109,7 @@ def test_resume_continues_where_the_stage_stopped(tiny_world, tmp_path):
         world, cfg, tok, env = small_setup(tiny_world, out, "--sft_steps=6", "--ckpt_every=2", f"--resume={resume}")
         torch.manual_seed(0)
         model = train.Apollo(train.model_config(cfg, tok.vocab_size))
-        items = train.stage_items("sft", world, cfg, np.random.default_rng(0))
+        items = samples.stage_items("sft", world, cfg, np.random.default_rng(0))
         args = (items, tok, cfg, model.tokens_per_clip)
         data = Samples(*args) if crash_in_step is None else Crashing(*args, budget=(crash_in_step - 1) * cfg.batch_size)
         train.train_stage(model, "sft", data, cfg, env)
@@ -142,11 +144,11 @@ def test_gpu_preset_model_takes_a_step_on_cpu(tiny_world, tmp_path):
     os.makedirs(cfg.out_dir, exist_ok=True)
     tok = train.get_tokenizer(cfg, world)
     model = train.Apollo(train.model_config(cfg, tok.vocab_size))
-    items = train.stage_items("sft", world, cfg, np.random.default_rng(0))
+    items = samples.stage_items("sft", world, cfg, np.random.default_rng(0))
     data = Samples(items[:2], tok, cfg, model.tokens_per_clip)
     params = train.trainable(model, "sft")
     before = [p.detach().clone() for p in params]
-    batch = train.collate([data[0], data[1]])
+    batch = samples.collate([data[0], data[1]])
     _, loss = model(batch["ids"], batch["frames"], batch["labels"])
     loss.backward()
     torch.optim.AdamW(params, lr=1e-3).step()
@@ -156,11 +158,11 @@ def test_gpu_preset_model_takes_a_step_on_cpu(tiny_world, tmp_path):
 
 def test_batches_keep_each_kind_apart_in_the_given_shares():
     pools = [list(range(0, 10)), list(range(100, 130))]
-    got = list(zip(range(400), train.batches(pools, 4, seed=1, start_step=0, shares=[0.75, 0.25])))
+    got = list(zip(range(400), samples.batches(pools, 4, seed=1, start_step=0, shares=[0.75, 0.25])))
     kinds = [all(i < 100 for i in b) or (all(i >= 100 for i in b) and -1) for _, b in got]
     assert all(k in (True, -1) for k in kinds)  # no batch mixes the pools
     assert 0.65 < kinds.count(True) / 400 < 0.85
-    resumed = train.batches(pools, 4, seed=1, start_step=250, shares=[0.75, 0.25])
+    resumed = samples.batches(pools, 4, seed=1, start_step=250, shares=[0.75, 0.25])
     assert [next(resumed) for _ in range(150)] == [b for _, b in got[250:]]
 
 
@@ -176,7 +178,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     world, cfg, tok, env = small_setup(tiny_world, tmp_path, "--sft_steps=8", "--ckpt_every=2")
     torch.manual_seed(0)
     model = Poisoned(train.model_config(cfg, tok.vocab_size))
-    data = Samples(train.stage_items("sft", world, cfg, np.random.default_rng(0)), tok, cfg, model.tokens_per_clip)
+    data = Samples(samples.stage_items("sft", world, cfg, np.random.default_rng(0)), tok, cfg, model.tokens_per_clip)
     with pytest.raises(train.TrainingError, match=r"\[sft\] step 5: the loss is nan; last good checkpoint: .*step 4"):
         train.train_stage(model, "sft", data, cfg, env)
     kept = torch.load(tmp_path / "sft_last.pt", weights_only=True)
@@ -215,9 +217,9 @@ def test_each_video_is_decoded_once_at_the_model_size(tiny_world, tmp_path, monk
     """Two epochs decode each video once; warm() decodes in worker processes and fills the same cache; a video of
     another size is stored at image_size, so a user's big videos cost the cache what the model sees."""
     world, cfg, tok, env = small_setup(tiny_world, tmp_path)
-    items = train.stage_items("align", world, cfg, np.random.default_rng(0))
-    calls, real = [], train.decode_video
-    monkeypatch.setattr(train, "decode_video", lambda path, cfg: calls.append(path) or real(path, cfg))
+    items = samples.stage_items("align", world, cfg, np.random.default_rng(0))
+    calls, real = [], samples.decode_video
+    monkeypatch.setattr(samples, "decode_video", lambda path, cfg: calls.append(path) or real(path, cfg))
     lazy = Samples(items, tok, cfg, 4)
     for _ in range(2):
         for i in range(len(lazy)):
@@ -279,7 +281,7 @@ def test_bad_videos_are_skipped_with_a_warning_up_to_a_share(tiny_world, tmp_pat
         warnings = []
         env["log"] = warnings.append
         model = train.Apollo(train.model_config(cfg, tok.vocab_size))
-        items = train.stage_items("align", str(copy), cfg, np.random.default_rng(0))
+        items = samples.stage_items("align", str(copy), cfg, np.random.default_rng(0))
         data = Samples(items, tok, cfg, model.tokens_per_clip)
         if ok:
             train.train_stage(model, "align", data, cfg, env)
@@ -300,13 +302,13 @@ def test_a_users_folder_trains_and_evaluates_with_one_flag(tiny_world, tmp_path)
     (user / "clips").mkdir(parents=True)
     rows = {split: [] for split in ("train", "test")}
     for split in rows:
-        for q in train.load_jsonl(f"{world}/{split}.jsonl"):
+        for q in load_jsonl(f"{world}/{split}.jsonl"):
             name = "clips/" + q["video"].split("/")[-1].replace("_", "-")
             if not (user / name).exists():
                 shutil.copy(f"{world}/{q['video']}", user / name)
             rows[split].append({"id": q["id"], "video": name, "question": q["question"], "options": q["options"],
                                 "answer": q["answer"], "category": q["category"]})
-    for c in train.load_jsonl(f"{world}/captions_train.jsonl"):
+    for c in load_jsonl(f"{world}/captions_train.jsonl"):
         text = c["conversations"][1]["value"]
         rows["train"].append({"id": c["id"], "video": "clips/" + c["video"].split("/")[-1].replace("_", "-"),
                               "conversations": [{"from": "human", "value": "<video>\nWhat happens?"},
@@ -321,7 +323,7 @@ def test_a_users_folder_trains_and_evaluates_with_one_flag(tiny_world, tmp_path)
     assert result["with_shortcuts"]["n"] == len(rows["test"]) and not (tmp_path / "none").exists()
     assert {json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()} == \
         {"encoders", "lm", "align", "vision", "sft"}
-    items = train.stage_items("align", str(user), config_from_args(["--preset=smoke"]), np.random.default_rng(0))
+    items = samples.stage_items("align", str(user), config_from_args(["--preset=smoke"]), np.random.default_rng(0))
     assert len(items[0]["turns"]) == 2  # both turns of the conversation
     with open(user / "train.jsonl", "a") as f:
         f.write('{"video": "clips/x.mp4", "question": "?"}\n')
