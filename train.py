@@ -614,24 +614,26 @@ def run(cfg, env):
     test = Samples(test, tok, test_cfg, model.tokens_per_clip)
     skipped = test.warm(env["workers"], cfg.max_bad_share, env["log"])
     result = dict(evaluate(model, test, cfg, env), skipped_videos=skipped)
-    # the same questions without the video (no visual tokens): what the model answers from the text and its
-    # priors alone; the gap to "overall" is what watching the video adds
-    blind = evaluate(model, Samples([dict(it, video=None) for it in test.items], tok, cfg, model.tokens_per_clip),
-                     cfg, env)
-    result["without_video"] = {"overall": blind["overall"], "categories": blind["categories"]}
-    # and with the video's caption, as text, in its place: perfect perception, so what the LM makes of what it
-    # sees; the gap to "overall" is what the vision side loses (our world's test videos have captions)
+
+    def asked(items):  # the headline's accuracy on another form of the same questions
+        r = evaluate(model, Samples(items, tok, cfg, model.tokens_per_clip), cfg, env)
+        return {"overall": r["overall"], "categories": r["categories"]}
+    # without the video (no visual tokens): what the model answers from the text and its priors alone; the gap
+    # to "overall" is what watching the video adds
+    result["without_video"] = asked([dict(it, video=None) for it in test.items])
+    # with the video's caption, as text, in its place: perfect perception, so what the LM makes of what it sees;
+    # the gap to "overall" is what the vision side loses (where every test video has a caption, as in our world)
     told = described_items(test.items, world)
     if told:
-        told = evaluate(model, Samples(told, tok, cfg, model.tokens_per_clip), cfg, env)
-        result["with_caption"] = {"overall": told["overall"], "categories": told["categories"]}
+        result["with_caption"] = asked(told)
     result["minutes"] = round((time.perf_counter() - t_start) / 60, 2)
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)
     cats = " ".join(f"{k} {v:.3f}" for k, v in result["categories"].items())
     print(f"test accuracy {result['overall']:.3f} (chance {result['chance']:.2f}, n={result['n']}; "
-          f"{result['with_shortcuts']['overall']:.3f} with shortcuts; {blind['overall']:.3f} without the video"
-          + (f"; {told['overall']:.3f} with the caption instead" if told else "") + ") | "
+          f"{result['with_shortcuts']['overall']:.3f} with shortcuts; "
+          f"{result['without_video']['overall']:.3f} without the video"
+          + (f"; {result['with_caption']['overall']:.3f} with the caption instead" if told else "") + ") | "
           f"{cats} | {result['minutes']} min")
     return result
 

@@ -40,7 +40,8 @@ def test_smoke_preset_runs_the_whole_pipeline_in_under_a_minute(tmp_path):
     assert [r["stage"] for r in rows if r["step"] == 1] == ["encoders"] + train.STAGES
     assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     assert all((out / f"{s}.pt").exists() for s in train.STAGES)
-    assert "test accuracy" in run.stdout
+    assert "test accuracy" in run.stdout and "without the video; " in run.stdout
+    assert "with the caption instead" in run.stdout
     # a second run reuses every stage's checkpoint and only evaluates
     again = subprocess.run([sys.executable, "train.py", "--preset=smoke", f"--out_dir={out}", f"--data_dir={data}"],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
