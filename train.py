@@ -548,7 +548,11 @@ def main(argv):
     cfg = config_from_args(argv)
     env = setup(cfg)
     try:
-        return run(cfg, env)
+        result = run(cfg, env)
+        # under torchrun, process 0 evaluates alone while the rest are done: they wait for it, so that every process
+        # leaves the group together (a gloo process leaving while its peer is busy can abort at exit)
+        barrier(env)
+        return result
     finally:
         if env["world"] > 1:
             dist.destroy_process_group()
