@@ -23,6 +23,7 @@ questions not marked as shortcuts; eval.json carries the score with shortcuts to
 Each run writes into out_dir: config.json, metrics.jsonl, tokenizer.json, one checkpoint per stage, eval.json.
 """
 import contextlib
+import ctypes
 import dataclasses
 import difflib
 import inspect
@@ -497,9 +498,24 @@ def load_checkpoint(path, cfg):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def keep_freed_memory():
+    """Let glibc keep freed memory in the process. By default it hands every freed block of more than a few MiB
+    (most activations here) back to the OS, and the next step faults the same pages in again, zeroed by the kernel:
+    on a 2-core CPU a quarter of a training step was kernel time. Kept, the LM's step ran 1.4x faster (PyTorch's CPU
+    tuning guide suggests jemalloc or tcmalloc for the same reason). Linux with glibc only; elsewhere nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    big = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # older glibc: 32 MiB
+    return bool(big and libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+
+
 def setup(cfg):
     """The device, bf16 and compile choices, and the processes of a torchrun (RANK and WORLD_SIZE in the environment;
     one process otherwise): env, handed to everything that trains."""
+    keep_freed_memory()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(cfg.device)
     if cfg.batch_size % (world * cfg.grad_accum):

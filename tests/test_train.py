@@ -364,3 +364,10 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     b = torch.load(out / "sft.pt", weights_only=True)["model"]
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_freed_memory_stays_in_the_process_under_glibc():
+    """train.setup asks glibc to keep freed blocks (no page faults on every step's activations); elsewhere it is a
+    no-op that says so."""
+    import platform
+    assert train.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
