@@ -43,10 +43,12 @@ class DataError(ValueError):
 @dataclass
 class WorldConfig:
     seed: int = 0               # everything below is drawn from this seed
-    n_train: int = 600          # videos per split; each video gets up to questions_per_video questions
+    n_train: int = 600          # videos per split
     n_val: int = 60
     n_test: int = 120
-    questions_per_video: int = 5
+    questions_per_video: int = 5  # val and test: the benchmark's questions per video
+    train_questions: int = 12   # a training video gets up to this many: every question it supports is more to learn
+                                # from the one decoding and encoding of the video (5 -> 12: +0.05 accuracy)
     size: int = 64              # frame height and width in pixels
     min_seconds: float = 3.0    # video durations are uniform in [min_seconds, max_seconds]
     max_seconds: float = 20.0
@@ -299,7 +301,7 @@ def script_texts(cfg, n, seed=0):
     for i in range(n):
         rng = np.random.default_rng([seed, 3, i])
         scene = make_scene(rng, cfg, f"text_{i:05d}")
-        out.append((caption(scene), pick_questions(scene, rng, cfg)))
+        out.append((caption(scene), pick_questions(scene, rng, cfg, cfg.train_questions)))
     return out
 
 
@@ -406,15 +408,15 @@ def relation(pa, pb, margin=6.0):
     return None
 
 
-def pick_questions(scene, rng, cfg):
-    """Up to questions_per_video questions, categories taken round-robin; some planted as text shortcuts."""
+def pick_questions(scene, rng, cfg, n):
+    """Up to n questions, categories taken round-robin; some planted as text shortcuts."""
     by_cat = questions_for(scene, rng)
     for qs in by_cat.values():
         rng.shuffle(qs)
     picked, order = [], list(rng.permutation(CATEGORIES))
-    while len(picked) < cfg.questions_per_video and any(by_cat.values()):
+    while len(picked) < n and any(by_cat.values()):
         for cat in order:
-            if by_cat[cat] and len(picked) < cfg.questions_per_video:
+            if by_cat[cat] and len(picked) < n:
                 picked.append(by_cat[cat].pop())
     for q in picked:
         if q["shortcut"] is None and rng.random() < cfg.shortcut_share:
@@ -473,7 +475,7 @@ def describe_span(scene, t0, t1):
 # The world on disk: generate once, reuse after
 
 
-WORLD_FORMAT = 3  # part of the cache key: bump it when the same config would now give other bytes
+WORLD_FORMAT = 4  # part of the cache key: bump it when the same config would now give other bytes
 
 
 def cpu_count():
@@ -523,7 +525,8 @@ def make_video(cfg, out, split, i):
     path = os.path.join(out, video)
     if not os.path.exists(path):
         write_mp4(path, render(scene), scene["fps"])
-    questions = [dict(id=f"{name}_q{k}", video=video, **q) for k, q in enumerate(pick_questions(scene, rng, cfg))]
+    n = cfg.train_questions if split == "train" else cfg.questions_per_video
+    questions = [dict(id=f"{name}_q{k}", video=video, **q) for k, q in enumerate(pick_questions(scene, rng, cfg, n))]
     cap = {"id": f"{name}_cap", "video": video, "conversations": [
         {"from": "human", "value": "<video>\nDescribe the video."}, {"from": "gpt", "value": caption(scene)}]}
     return {"scene": scene, "questions": questions, "caption": cap}

@@ -29,7 +29,8 @@ class TrainingError(RuntimeError):
 def world_config(cfg, **changes):
     """The synthetic world (data.WorldConfig) a run's config asks for, with changes (bench.py: a fresh pool)."""
     return WorldConfig(**{**dict(seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
-                                 questions_per_video=cfg.questions_per_video, min_seconds=cfg.min_seconds,
+                                 questions_per_video=cfg.questions_per_video,
+                                 train_questions=cfg.train_questions, min_seconds=cfg.min_seconds,
                                  max_seconds=cfg.max_seconds), **changes})
 
 
@@ -173,19 +174,21 @@ def mc_item(q, root):
             "shortcut": q.get("shortcut")}
 
 
-def conversation_items(questions, root, rng, context=None):
-    """All questions about a video as one conversation (as in LLaVA-Video's data): one encoding of the video
-    serves several answers. With context (video -> caption), the caption replaces the video: text only."""
+def conversation_items(questions, root, rng, context=None, max_turns=6):
+    """The questions about a video as conversations of up to max_turns questions (as in LLaVA-Video's data): one
+    encoding of the video serves several answers. With context (video -> caption), the caption replaces the video:
+    text only."""
     by_video = {}
     for q in questions:
         by_video.setdefault(q["video"], []).append(mc_turn(q))
     items = []
     for video, turns in by_video.items():
         turns = [turns[i] for i in rng.permutation(len(turns))]
-        if context is None:
-            items.append({"video": os.path.join(root, video), "turns": turns})
-        else:
-            items.append({"video": None, "turns": described(context[video], turns) if video in context else turns})
+        for part in (turns[k:k + max_turns] for k in range(0, len(turns), max_turns)):
+            if context is None:
+                items.append({"video": os.path.join(root, video), "turns": part})
+            else:
+                items.append({"video": None, "turns": described(context[video], part) if video in context else part})
     return items
 
 
@@ -233,8 +236,9 @@ def stage_items(stage, world, cfg, rng):
         drills = [{"kind": "drill", "turns": described(q["description"], [mc_turn(q)]) if "description" in q
                    else [mc_turn(q)]} for q in reading_drills(rng, cfg.drills)]
         # scenes scripted but never rendered: the caption stands for the video, as in text_qa
-        scripts = [{"turns": described(text, [mc_turn(q) for q in qs])}
-                   for text, qs in script_texts(world_config(cfg), cfg.lm_scenes, cfg.seed)]
+        scripted = script_texts(world_config(cfg), cfg.lm_scenes, cfg.seed)
+        scripts = conversation_items([dict(q, video=f"script {i}") for i, (_, qs) in enumerate(scripted) for q in qs],
+                                     world, rng, context={f"script {i}": text for i, (text, _) in enumerate(scripted)})
         return [{"turns": [("", t)]} for t in texts] + text_qa + drills + scripts
     if stage in ("align", "vision"):  # captions; a user's data without any: its questions
         return [caption_item(c, world) for c in captions] or conversation_items(questions, world, rng)

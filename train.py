@@ -74,10 +74,11 @@ class Config:
     resume: bool = False        # continue an interrupted stage from its last checkpoint
     seed: int = 0
     # the world (data.py)
-    n_train: int = 600          # videos per split; each has up to questions_per_video questions and a caption
+    n_train: int = 600          # videos per split, each with a caption
     n_val: int = 60
     n_test: int = 120
-    questions_per_video: int = 5
+    questions_per_video: int = 5  # val and test: the benchmark's questions per video
+    train_questions: int = 12   # a training video: up to this many, every question it supports (see data.py)
     min_seconds: float = 3.0
     max_seconds: float = 20.0
     # sampling (sampling.py)

@@ -108,7 +108,7 @@ def test_every_answer_agrees_with_the_scene_script(tmp_path):
     seen = Counter()
     for i in range(150):
         scene = data.make_scene(rng, cfg, f"v{i}")
-        for q in data.pick_questions(scene, rng, cfg):
+        for q in data.pick_questions(scene, rng, cfg, cfg.train_questions):
             assert q["category"] in data.CATEGORIES and len(q["options"]) == 4 == len(set(q["options"]))
             answer = q["options"]["ABCD".index(q["answer"])]
             assert answer == expected_answer(q, scene), (q, scene)
@@ -122,7 +122,7 @@ def test_answer_letters_balanced_and_shortcuts_marked():
     rng = np.random.default_rng(1)
     qs = []
     while len(qs) < 1000:
-        qs += data.pick_questions(data.make_scene(rng, cfg, "v"), rng, cfg)
+        qs += data.pick_questions(data.make_scene(rng, cfg, "v"), rng, cfg, cfg.questions_per_video)
     qs = qs[:1000]
     letters = Counter(q["answer"] for q in qs)
     assert all(0.20 <= letters[k] / 1000 <= 0.30 for k in "ABCD"), letters
@@ -188,7 +188,7 @@ def test_option_order_does_not_give_the_answer_away():
              "bounces": data.COUNTS[:4]}
     in_order, total = Counter(), Counter()
     while sum(total.values()) < 800:
-        for q in data.pick_questions(data.make_scene(rng, cfg, "v"), rng, cfg):
+        for q in data.pick_questions(data.make_scene(rng, cfg, "v"), rng, cfg, cfg.questions_per_video):
             if q["template"] in pools and not q["shortcut"]:
                 rest = [o for k, o in enumerate(q["options"]) if k != ord(q["answer"]) - 65]
                 in_order[q["template"]] += rest == [p for p in pools[q["template"]] if p in rest]
@@ -243,3 +243,12 @@ def test_describe_span_says_what_the_script_shows():
     assert data.describe_span(scene, 0.0, 2.0) == "blue circle top left moving right. camera pans up. character 7."
     assert data.describe_span(scene, 3.0, 3.5) == ("blue circle top centre moving right. red square bottom right. "
                                                  "camera pans up.")
+
+
+def test_training_videos_get_every_question_they_support_the_benchmark_splits_five(tiny_world):
+    world, cfg = tiny_world
+    per_video = {split: Counter(q["video"] for q in load_jsonl(os.path.join(world, f"{split}.jsonl")))
+                 for split in ("train", "test")}
+    assert max(per_video["test"].values()) <= cfg.questions_per_video < cfg.train_questions
+    assert max(per_video["train"].values()) <= cfg.train_questions
+    assert np.mean(list(per_video["train"].values())) > cfg.questions_per_video + 2  # most scenes support more

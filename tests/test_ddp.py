@@ -34,7 +34,7 @@ def test_two_processes_take_the_steps_one_process_takes(tmp_path):
     a = torch.load(tmp_path / "one" / "lm.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "two" / "lm.pt", weights_only=True)["model"]
     assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name in a:  # atol: 1/300 of one AdamW step at lr 3e-3, where Adam's division magnifies float noise of
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)  # a gradient near zero
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= r["data_wait"] <= 1 for r in rows)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -92,6 +93,15 @@ class Crashing(Samples):
         return super().__getitem__(i)
 
 
+def test_sft_asks_every_training_question_once_in_conversations_of_at_most_six(tiny_world, tmp_path):
+    world, cfg, tok, env = small_setup(tiny_world, tmp_path)
+    items = samples.stage_items("sft", world, cfg, np.random.default_rng(0))
+    asked = Counter(p for it in items if it.get("video") for p, _ in it["turns"] if p.startswith("Question: "))
+    questions = samples.split_rows(world, "train")[0]
+    assert asked == Counter(samples.mc_turn(q)[0] for q in questions)
+    assert max(len(it["turns"]) for it in items) <= 6 < max(Counter(q["video"] for q in questions).values())
+
+
 def test_lm_stage_reads_captions_drills_and_unrendered_scripts(tiny_world, tmp_path):
     world, cfg, tok, env = small_setup(tiny_world, tmp_path, "--lm_scenes=20", "--drills=40")
     items = samples.stage_items("lm", world, cfg, np.random.default_rng(0))
@@ -101,7 +111,8 @@ def test_lm_stage_reads_captions_drills_and_unrendered_scripts(tiny_world, tmp_p
     assert captions <= {it["turns"][0][1] for it in items if it["turns"][0][0] == ""}  # plain text: the captions
     read = [it["turns"][0][0].split("\n")[0][len("Description: "):] for it in items
             if not it.get("kind") and it["turns"][0][0].startswith("Description: ")]
-    assert len([r for r in read if r not in captions]) == 20  # the scripted scenes, beside the world's own
+    assert len({r for r in read if r not in captions}) == 20  # the scripted scenes, beside the world's own
+    assert max(len(it["turns"]) for it in items) <= 6  # a scene's questions, six at a time
 
 
 def test_resume_continues_where_the_stage_stopped(tiny_world, tmp_path):
