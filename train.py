@@ -309,11 +309,16 @@ def train_stage(model, stage, dataset, cfg, env):
     frozen = stage != "encoders" and not any(p.requires_grad for e in model.encoders() for p in e.parameters())
     grids = {}  # the encoders are frozen: each video is encoded once
 
-    def grid_of(path, frames):
-        if path not in grids:
+    def grids_of(videos, frames):
+        """The fused grids of a batch's videos [(path, clips)], frames (C, T, H, W, 3) of them all: those not seen
+        before encoded together in one call (one at a time, the first epoch of align on a GPU ran at 0.48 s a step)."""
+        parts = dict(zip([path for path, _ in videos], frames.split([n for _, n in videos])))
+        new = [path for path in parts if path not in grids]
+        if new:
             with torch.no_grad(), env["autocast"]():
-                grids[path] = model.encode_frames(frames)
-        return grids[path]
+                fresh = model.encode_frames(torch.cat([parts[path] for path in new]))  # (C', T, h, w, Dv)
+            grids.update(zip(new, fresh.split([len(parts[path]) for path in new])))
+        return torch.cat([grids[path] for path, _ in videos])  # (C, T, h, w, Dv)
     skipped = dataset.warm(env["workers"], cfg.max_bad_share, env["log"])
     kinds = sorted({it.get("kind", "") for it in dataset.items})  # "drill" (lm stage) or "" (the rest)
     pools = [[i for i, it in enumerate(dataset.items) if it.get("kind", "") == k] for k in kinds]
@@ -340,8 +345,7 @@ def train_stage(model, stage, dataset, cfg, env):
         step_loss = 0.0
         for m, b in enumerate(micro):
             if frozen and b["frames"] is not None:
-                b["grid"] = torch.cat([grid_of(path, f) for (path, _), f in
-                                       zip(b["videos"], b["frames"].split([n for _, n in b["videos"]]))])
+                b["grid"] = grids_of(b["videos"], b["frames"])
             last = m == len(micro) - 1
             with (contextlib.nullcontext() if last or net is model else net.no_sync()), env["autocast"]():
                 if stage == "encoders":

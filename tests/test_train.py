@@ -253,6 +253,19 @@ def test_each_video_is_decoded_once_at_the_model_size(tiny_world, tmp_path, monk
     assert abs(int(frames.float().mean()) - 200) <= 2
 
 
+def test_a_frozen_stage_encodes_each_video_once_a_batch_in_one_call(tiny_world, tmp_path):
+    """align (encoders frozen): the grids are computed once per video, the new videos of a batch together."""
+    world, cfg, tok, env = small_setup(tiny_world, tmp_path, "--align_steps=4", "--batch_size=6")
+    model = train.Apollo(train.model_config(cfg, tok.vocab_size))
+    calls, real = [], model.encode_frames
+    model.encode_frames = lambda frames: calls.append(len(frames)) or real(frames)
+    items = samples.stage_items("align", world, cfg, np.random.default_rng(0))
+    data = Samples(items, tok, cfg, model.tokens_per_clip)
+    train.train_stage(model, "align", data, cfg, env)
+    assert 0 < len(calls) <= 4  # one call a step at most (12 videos: the first two steps see them all)
+    assert sum(calls) == sum(len(clips) for _, clips in data.frames.values())  # every clip of every video, once
+
+
 def test_schedules_lm_from_and_eval_sampling(tmp_path):
     """--schedule=1 trains lm then one sft stage holding every step; --lm_from starts another vision side from that
     LM (skipping stage lm) and refuses another LM size; --eval_sampling tests with the other sampling."""
