@@ -148,9 +148,9 @@ PRESETS = {
                   vision_steps=40, sft_steps=150, encoders_steps=300),  # sweep.py: a run in ~3 min on 2 CPU cores
     "gpu": dict(n_train=4000, n_val=200, n_test=400, fps=2.0, max_clips=8, image_size=64, vit_dim=192,
                 vit_layers=6, vit_heads=6, tokens_per_frame=16, resampler_layers=3, lm_dim=512, lm_layers=8,
-                lm_heads=8, vocab_size=1024, batch_size=64, lm_steps=1500, align_steps=800, vision_steps=2000,
-                sft_steps=3000, lm_lr=1e-3, align_lr=1e-3, vision_lr=3e-4, sft_lr=3e-4, encoders_steps=2000,
-                encoders_lr=1e-3),
+                lm_heads=8, vocab_size=1024, batch_size=64, lm_steps=4000, align_steps=400, vision_steps=500,
+                sft_steps=1200, lm_lr=1e-3, align_lr=1e-3, vision_lr=3e-4, sft_lr=3e-4, encoders_steps=1500,
+                encoders_lr=1e-3, ckpt_every=500),
 }
 
 
