@@ -94,6 +94,14 @@ class Samples(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
+    def size(self, i):
+        """About how many tokens item i takes: its text (~3 characters a token) and its video's visual tokens and
+        timestamps (after warm, the clip count is known); by_length batches like sizes together."""
+        item = self.items[i]
+        text = sum(len(prompt) + len(answer) for prompt, answer in item.get("turns", [])) // 3
+        video = self.frames.get(item.get("video"))
+        return text + (len(video[1]) * (self.tokens_per_clip + 8) if isinstance(video, tuple) else 0)
+
     def __getitem__(self, i):
         item = self.items[i]
         if "scene" in item:  # stage encoders: one clip, its caption, and its first frame's caption
@@ -154,6 +162,20 @@ def batches(pools, batch_size, seed, start_step, shares):
             n = len(pools[k])
             yield [pools[k][int(orders[k](p // n)[p % n])] for p in range(pos[k], pos[k] + batch_size)]
         pos[k], step = pos[k] + batch_size, step + 1
+
+
+def by_length(pools, shares, sizes, batch_size, buckets):
+    """Each pool cut into up to `buckets` pools of items of like size (sizes[i], about their tokens; each part a
+    batch at least), its share split among the parts by how many items each holds, so that every item is drawn
+    as often as before: a batch then pads its sequences to a length near their own, not to the stage's longest."""
+    parts, part_shares = [], []
+    for pool, share in zip(pools, shares):
+        n = max(1, min(buckets, len(pool) // batch_size))
+        ranked = sorted(pool, key=lambda i: sizes[i]) if n > 1 else pool
+        for part in np.array_split(np.array(ranked, dtype=np.int64), n):
+            parts.append([int(i) for i in part])
+            part_shares.append(share * len(part) / len(pool))
+    return parts, part_shares
 
 
 def mc_turn(q):

@@ -44,8 +44,8 @@ from data import CATEGORIES, DataError, cpu_count, make_world
 from encoders import Pretraining
 from integrate import IGNORE, INTEGRATIONS, PAD, Tokenizer, format_mc, mc_answer
 from resampler import RESAMPLERS
-from samples import (Samples, TrainingError, batches, collate, described_items, mc_item, split_rows, stage_items,
-                     turns_of, world_config)
+from samples import (Samples, TrainingError, batches, by_length, collate, described_items, mc_item, split_rows,
+                     stage_items, turns_of, world_config)
 from sampling import VideoError
 
 STAGES = ["lm", "align", "vision", "sft"]
@@ -128,6 +128,7 @@ class Config:
     lm_scenes: int = 5000       # lm stage: scenes scripted but never rendered, read as caption + questions (text)
     sft_caption_share: float = 0.3  # share of the training captions that sft keeps beside the questions
     text_share: float = 0.15    # share of text-only samples in sft (Apollo: some text is essential)
+    length_buckets: int = 8     # sft: its samples cut into this many pools of like length, a batch from one (1: off)
     grad_accum: int = 1         # micro-batches per step (each process takes batch_size / processes / grad_accum)
     workers: int = -1           # DataLoader worker processes; -1: 0 on CPU, min(4, cores) on CUDA
     max_bad_share: float = 0.05  # videos that cannot be sampled are skipped with a warning, up to this share
@@ -323,6 +324,9 @@ def train_stage(model, stage, dataset, cfg, env):
     kinds = sorted({it.get("kind", "") for it in dataset.items})  # "drill" (lm stage) or "" (the rest)
     pools = [[i for i, it in enumerate(dataset.items) if it.get("kind", "") == k] for k in kinds]
     shares = [cfg.drill_share if k == "drill" else 1 - cfg.drill_share for k in kinds] if len(kinds) > 1 else [1.0]
+    if stage == "sft":  # (in stage lm, whose items differ far more, batches of like length made a worse LM once)
+        pools, shares = by_length(pools, shares, [dataset.size(i) for i in range(len(dataset))], cfg.batch_size,
+                                  cfg.length_buckets)
     seed = cfg.seed * 1000 + (STAGES.index(stage) if stage in STAGES else len(STAGES))
     order = shard(batches(pools, cfg.batch_size, seed, start, shares), env["rank"], env["world"], cfg.grad_accum)
     loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=collate,

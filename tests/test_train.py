@@ -178,6 +178,22 @@ def test_batches_keep_each_kind_apart_in_the_given_shares():
     assert [next(resumed) for _ in range(150)] == [b for _, b in got[250:]]
 
 
+def test_by_length_batches_like_sizes_together_and_keeps_every_item_and_share():
+    rng = np.random.default_rng(0)
+    sizes = [int(x) for x in rng.integers(10, 500, 200)]
+    pools = [list(range(0, 150)), list(range(150, 200))]
+    parts, shares = samples.by_length(pools, [0.8, 0.2], sizes, batch_size=16, buckets=4)
+    assert len(parts) == 4 + 3  # the second pool holds 3 batches only: 3 parts
+    assert sorted(i for p in parts for i in p) == list(range(200))  # every item once
+    assert all(len(p) >= 16 for p in parts)
+    assert sum(shares[:4]) == pytest.approx(0.8) and sum(shares[4:]) == pytest.approx(0.2)
+    for a, b in zip(parts[:3], parts[1:4]):  # the first pool's parts: sizes ranked, no overlap between parts
+        assert max(sizes[i] for i in a) <= min(sizes[i] for i in b)
+    spread = max(max(sizes[i] for i in p) - min(sizes[i] for i in p) for p in parts[:4])
+    assert spread < max(sizes[i] for i in pools[0]) - min(sizes[i] for i in pools[0])
+    assert samples.by_length(pools, [0.8, 0.2], sizes, 16, buckets=1) == (pools, [0.8, 0.2])  # 1: as before
+
+
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_world, tmp_path):
     class Poisoned(train.Apollo):
         calls = 0
