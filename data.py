@@ -48,7 +48,7 @@ class WorldConfig:
     n_test: int = 120
     questions_per_video: int = 5  # val and test: the benchmark's questions per video
     train_questions: int = 12   # a training video gets up to this many: every question it supports is more to learn
-                                # from the one decoding and encoding of the video (5 -> 12: +0.05 accuracy)
+                                # from the one decoding and encoding of the video
     size: int = 64              # frame height and width in pixels
     min_seconds: float = 3.0    # video durations are uniform in [min_seconds, max_seconds]
     max_seconds: float = 20.0

@@ -100,7 +100,8 @@ class Samples(torch.utils.data.Dataset):
         item = self.items[i]
         text = sum(len(prompt) + len(answer) for prompt, answer in item.get("turns", [])) // 3
         video = self.frames.get(item.get("video"))
-        return text + (len(video[1]) * (self.tokens_per_clip + 8) if isinstance(video, tuple) else 0)
+        per_clip = self.tokens_per_clip + 8  # its visual tokens and about 8 of "clip from MM:SS-MM:SS:"
+        return text + (len(video[1]) * per_clip if isinstance(video, tuple) else 0)
 
     def __getitem__(self, i):
         item = self.items[i]
