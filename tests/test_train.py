@@ -194,6 +194,23 @@ def test_by_length_batches_like_sizes_together_and_keeps_every_item_and_share():
     assert samples.by_length(pools, [0.8, 0.2], sizes, 16, buckets=1) == (pools, [0.8, 0.2])  # 1: as before
 
 
+def test_sft_batches_come_from_pools_of_like_length_and_the_other_stages_do_not(tiny_world, tmp_path, monkeypatch):
+    world, cfg, tok, env = small_setup(tiny_world, tmp_path, "--sft_steps=3", "--lm_steps=2", "--batch_size=4",
+                                       "--length_buckets=3")
+    drawn, real = [], samples.batches
+    monkeypatch.setattr(train, "batches", lambda pools, *a: drawn.append(pools) or real(pools, *a))
+    model = train.Apollo(train.model_config(cfg, tok.vocab_size))
+    for stage in ("lm", "sft"):
+        data = Samples(samples.stage_items(stage, world, cfg, np.random.default_rng(0)), tok, cfg,
+                       model.tokens_per_clip)
+        train.train_stage(model, stage, data, cfg, env)
+    lm_pools, sft_pools = drawn
+    assert len(lm_pools) == 2  # drills and the rest, not cut by length
+    assert len(sft_pools) == 3
+    sizes = [[data.size(i) for i in pool] for pool in sft_pools]
+    assert max(sizes[0]) <= min(sizes[1]) and max(sizes[1]) <= min(sizes[2])
+
+
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_world, tmp_path):
     class Poisoned(train.Apollo):
         calls = 0
