@@ -92,6 +92,13 @@ class Apollo(nn.Module):
     def encoders(self):
         return [e for e in (self.image_encoder, self.video_encoder) if e is not None]
 
+    @torch.no_grad()
+    def match_visual_scale(self):
+        """Start the visual tokens at the scale of the LM's word embeddings. The connector ends in an RMSNorm whose
+        gain starts at 1, so each visual token would enter the LM about 10x larger than the words it has learned
+        to read (norm sqrt(D) against the embeddings' ~1); the gain is set to the embeddings' RMS instead."""
+        self.resampler.norm.weight.fill_(self.lm.embed.weight.pow(2).mean().sqrt().item())
+
     def encode_frames(self, frames):
         """uint8 frames (C, T, H, W, 3) of C clips -> the encoders' fused feature grid (C, T, h, w, Dv): with both
         encoders, the video encoder's (C, T / tubelet, h, w, D) grid is interpolated to the image encoder's."""

@@ -130,7 +130,7 @@ class Config:
     text_share: float = 0.15    # share of text-only samples in sft (Apollo: some text is essential)
     length_buckets: int = 8     # sft: its samples cut into this many pools of like length, a batch from one (1: off)
     grad_accum: int = 1         # micro-batches per step (each process takes batch_size / processes / grad_accum)
-    workers: int = -1           # DataLoader worker processes; -1: 0 on CPU, min(4, cores) on CUDA
+    workers: int = -1           # DataLoader worker processes; -1: 0 on CPU, min(12, cores) on CUDA
     max_bad_share: float = 0.05  # videos that cannot be sampled are skipped with a warning, up to this share
     eval_batch_size: int = 64
     log_every: int = 10
@@ -149,9 +149,9 @@ PRESETS = {
                   vision_steps=40, sft_steps=150, encoders_steps=300),  # sweep.py: a run in ~3 min on 2 CPU cores
     "gpu": dict(n_train=4000, n_val=200, n_test=400, fps=2.0, max_clips=8, image_size=64, vit_dim=192,
                 vit_layers=6, vit_heads=6, tokens_per_frame=16, resampler_layers=3, lm_dim=512, lm_layers=8,
-                lm_heads=8, vocab_size=1024, batch_size=64, lm_steps=4000, align_steps=400, vision_steps=500,
-                sft_steps=1200, lm_lr=1e-3, align_lr=1e-3, vision_lr=3e-4, sft_lr=3e-4, encoders_steps=1500,
-                encoders_lr=1e-3, ckpt_every=500),
+                lm_heads=8, vocab_size=1024, batch_size=64, lm_steps=3000, align_steps=300, vision_steps=300,
+                sft_steps=800, lm_lr=1e-3, align_lr=1e-3, vision_lr=3e-4, sft_lr=3e-4, encoders_steps=1000,
+                encoders_lr=1e-3, ckpt_every=200),  # every stage ran at these steps on an H200 (README, "On a GPU")
 }
 
 
@@ -527,6 +527,8 @@ def setup(cfg):
     keep_freed_memory()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(cfg.device)
+    if device.type == "cuda":  # TF32 for the fp32 matmuls autocast leaves; without it Inductor skips fusing attention
+        torch.set_float32_matmul_precision("high")  # into Flash (its warning in the H200 run's log)
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ConfigError(f"--batch_size={cfg.batch_size} must divide into {world} processes x --grad_accum="
                           f"{cfg.grad_accum} micro-batches")
@@ -537,7 +539,7 @@ def setup(cfg):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"
                                           and torch.cuda.is_bf16_supported())
-    workers = cfg.workers if cfg.workers >= 0 else (min(4, cpu_count()) if device.type == "cuda" else 0)
+    workers = cfg.workers if cfg.workers >= 0 else (min(12, cpu_count()) if device.type == "cuda" else 0)
     env = {"device": device, "bf16": use_bf16, "rank": rank, "world": world, "main": rank == 0, "workers": workers,
            "autocast": lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16),
            "log": print if rank == 0 else (lambda *a, **k: None)}
@@ -630,6 +632,8 @@ def run(cfg, env):
             prev = os.path.join(cfg.out_dir, f"{schedule[schedule.index(stage) - 1]}.pt")
             if os.path.exists(prev):
                 model.load_state_dict(load_checkpoint(prev, cfg)["model"])
+        if stage == schedule[1]:  # the connector's first stage: its tokens start at the scale of the LM's words
+            model.match_visual_scale()
         # each stage draws its data from its own seed: a stage reused or skipped leaves the others' draws alone
         items = stage_items(stage, world, cfg, np.random.default_rng([cfg.seed, STAGES.index(stage)]))
         train_stage(model, stage, Samples(items, tok, cfg, model.tokens_per_clip, cache), cfg, env)

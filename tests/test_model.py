@@ -110,6 +110,24 @@ def test_apollo_places_visual_tokens_and_loss_counts_answers_only():
     assert not torch.allclose(logits2[1, L + 1:], logits[1, L + 1:])
 
 
+def test_match_visual_scale_starts_visual_tokens_at_the_scale_of_the_word_embeddings():
+    """The connector's final norm would make each visual token about sqrt(D) long (RMS 1), whatever scale the LM's
+    words have; match_visual_scale sets the norm's gain to the embeddings' RMS, for each resampler."""
+    torch.manual_seed(0)
+    frames = torch.randint(0, 256, (3, 2, 32, 32, 3), dtype=torch.uint8)
+    for kind in ("perceiver", "mlp_pool", "conv_pool"):
+        model = Apollo(ApolloConfig(EncoderConfig(32, 8, 16, 1, 2), ResamplerConfig(2, 1, 2, kind),
+                                    LMConfig(300, 32, 2, 2, 256), frames_per_clip=2))
+        with torch.no_grad():
+            model.lm.embed.weight.mul_(7.0)  # trained embeddings grow from their 0.02 start
+            words = model.lm.embed.weight.pow(2).mean().sqrt().item()
+            before = model.encode_video(frames).pow(2).mean().sqrt().item()
+            model.match_visual_scale()
+            after = model.encode_video(frames).pow(2).mean().sqrt().item()
+        assert before > 0.5 and abs(words - 0.14) < 0.01  # order 1 (the norm's gain of 1) against words of 0.14
+        assert abs(after / before - words) < 1e-3 * words  # the gain went from 1 to the words' RMS
+
+
 def test_option_logprobs_in_one_batch_equal_each_answer_scored_alone():
     """Prompts of different lengths, with and without a video, 4 and 3 options: the batched scores equal
     log P(answer | prompt) computed row by row, and an item's missing options score -inf."""

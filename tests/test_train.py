@@ -299,10 +299,14 @@ def test_a_frozen_stage_encodes_each_video_once_a_batch_in_one_call(tiny_world, 
     assert sum(calls) == sum(len(clips) for _, clips in data.frames.values())  # every clip of every video, once
 
 
-def test_schedules_lm_from_and_eval_sampling(tmp_path):
+def test_schedules_lm_from_and_eval_sampling(tmp_path, monkeypatch):
     """--schedule=1 trains lm then one sft stage holding every step; --lm_from starts another vision side from that
-    LM (skipping stage lm) and refuses another LM size; --eval_sampling tests with the other sampling."""
+    LM (skipping stage lm) and refuses another LM size; --eval_sampling tests with the other sampling. In each, the
+    connector's first stage starts its tokens at the LM's word scale (match_visual_scale), once."""
     data, one, two = tmp_path / "data", tmp_path / "one", tmp_path / "two"
+    matched, real = [], train.Apollo.match_visual_scale
+    monkeypatch.setattr(train.Apollo, "match_visual_scale", lambda self: matched.append(
+        sorted(f"{d.name}/{p.name}" for d in (one, two) for p in d.glob("*.pt"))) or real(self))
     assert [train.stage_steps(config_from_args(["--preset=smoke", f"--schedule={s}"]), "sft") for s in (1, 2, 3)] == \
         [3 + 2 + 2, 3, 3]
     assert train.stage_steps(config_from_args(["--preset=smoke", "--schedule=2"]), "align") == 2 + 2
@@ -317,6 +321,7 @@ def test_schedules_lm_from_and_eval_sampling(tmp_path):
     lm_b = torch.load(two / "align.pt", weights_only=True)["model"]  # the LM is frozen in align
     assert all(torch.equal(v, lm_b[k]) for k, v in lm_a.items() if k.startswith("lm."))
     assert json.loads((two / "config.json").read_text())["eval_sampling"] == "uniform"
+    assert matched == [["one/lm.pt"], ["one/lm.pt", "one/sft.pt", "two/encoders.pt"]]  # before sft; before align
     with pytest.raises(ConfigError, match="lm_dim=32 there, 48 here"):
         train.main(["--preset=smoke", f"--out_dir={tmp_path / 'three'}", f"--data_dir={data}", f"--lm_from={one}",
                     "--lm_dim=48"])
