@@ -135,6 +135,7 @@ class Config:
     eval_batch_size: int = 64
     log_every: int = 10
     ckpt_every: int = 100
+    ckpt_minutes: float = 0.0   # also write <stage>_last.pt once this many minutes pass since the last (0: off)
     compile: str = "auto"       # auto (on for CUDA only) | true | false
     dtype: str = "auto"         # auto (bf16 on CUDA if supported) | float32 | bfloat16
 
@@ -151,7 +152,7 @@ PRESETS = {
                 vit_layers=6, vit_heads=6, tokens_per_frame=16, resampler_layers=3, lm_dim=512, lm_layers=8,
                 lm_heads=8, vocab_size=1024, batch_size=64, lm_steps=3000, align_steps=300, vision_steps=300,
                 sft_steps=800, lm_lr=1e-3, align_lr=1e-3, vision_lr=3e-4, sft_lr=3e-4, encoders_steps=1000,
-                encoders_lr=1e-3, ckpt_every=200),  # every stage ran at these steps on an H200 (README, "On a GPU")
+                encoders_lr=1e-3, ckpt_every=200, ckpt_minutes=2.0),  # every stage ran at these steps on an H200 (README, "On a GPU")
 }
 
 
@@ -301,6 +302,7 @@ def train_stage(model, stage, dataset, cfg, env):
             env["log"](f"[{stage}] resuming from step {start}")
         else:
             env["log"](f"[{stage}] {last_path} exists; starting the stage afresh (pass --resume to continue it)")
+    saved_step, saved_at = start, time.perf_counter()  # the stage's last checkpoint: its step, and when
     model.train()
     net = model  # under torchrun, DDP averages the gradients of the processes during backward
     if env["world"] > 1:
@@ -360,8 +362,7 @@ def train_stage(model, stage, dataset, cfg, env):
             step_loss = step_loss + loss.detach().float() * counts[m] / total
         step_loss = global_sum(step_loss, env)
         if not torch.isfinite(step_loss):  # stop before the bad step touches the weights or a checkpoint
-            kept = f"{last_path} (step {step // cfg.ckpt_every * cfg.ckpt_every})" if os.path.exists(last_path) \
-                else "no checkpoint of this stage yet"
+            kept = f"{last_path} (step {saved_step})" if saved_step else "no checkpoint of this stage yet"
             raise TrainingError(f"[{stage}] step {step + 1}: the loss is {step_loss.item()}; last good checkpoint: "
                                 f"{kept}")
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -381,8 +382,10 @@ def train_stage(model, stage, dataset, cfg, env):
             with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
             t0, tokens, waited, logged = time.perf_counter(), 0, 0.0, step + 1
-        if env["main"] and (step + 1) % cfg.ckpt_every == 0 and step + 1 < steps:
+        late = cfg.ckpt_minutes > 0 and time.perf_counter() - saved_at > 60 * cfg.ckpt_minutes
+        if env["main"] and ((step + 1) % cfg.ckpt_every == 0 or late) and step + 1 < steps:
             save_checkpoint(last_path, model, opt, stage, step + 1, cfg)
+            saved_step, saved_at = step + 1, time.perf_counter()
     if env["main"]:
         save_checkpoint(os.path.join(cfg.out_dir, f"{stage}.pt"), model, opt, stage, steps, cfg)
         if os.path.exists(last_path):

@@ -137,6 +137,31 @@ def test_resume_continues_where_the_stage_stopped(tiny_world, tmp_path):
     assert not (tmp_path / "b" / "sft_last.pt").exists() and (tmp_path / "b" / "sft.pt").exists()
 
 
+def test_ckpt_minutes_checkpoints_by_time_as_well_as_by_steps(tiny_world, tmp_path, monkeypatch):
+    """--ckpt_minutes: a stage whose steps are long also leaves a checkpoint once that many minutes have passed, so a
+    run stopped by a time limit loses at most that much; a crash then names the step really kept."""
+    saved = []
+    real = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda path, *a: saved.append((os.path.basename(path), a[3]))
+                        or real(path, *a))
+    for minutes, out in ((0.0, "off"), (1e-9, "on")):  # 1e-9 minutes: every step is late
+        saved.clear()
+        world, cfg, tok, env = small_setup(tiny_world, tmp_path / out, "--sft_steps=4", "--ckpt_every=1000",
+                                           f"--ckpt_minutes={minutes}")
+        model = train.Apollo(train.model_config(cfg, tok.vocab_size))
+        data = Samples(samples.stage_items("sft", world, cfg, np.random.default_rng(0)), tok, cfg,
+                       model.tokens_per_clip)
+        if minutes:
+            data = Crashing(data.items, tok, cfg, model.tokens_per_clip, budget=2 * cfg.batch_size)
+            with pytest.raises(KeyboardInterrupt):
+                train.train_stage(model, "sft", data, cfg, env)
+            assert saved == [("sft_last.pt", 1), ("sft_last.pt", 2)]
+            assert torch.load(tmp_path / out / "sft_last.pt", weights_only=True)["step"] == 2
+        else:
+            train.train_stage(model, "sft", data, cfg, env)
+            assert saved == [("sft.pt", 4)]  # steps alone: 1000 between checkpoints, so only the stage's end
+
+
 def test_checkpoint_from_another_config_is_refused(tiny_world, tmp_path):
     world, cfg, tok, env = small_setup(tiny_world, tmp_path)
     model = train.Apollo(train.model_config(cfg, tok.vocab_size))
