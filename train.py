@@ -152,7 +152,7 @@ PRESETS = {
                 vit_layers=6, vit_heads=6, tokens_per_frame=16, resampler_layers=3, lm_dim=512, lm_layers=8,
                 lm_heads=8, vocab_size=1024, batch_size=64, lm_steps=3000, align_steps=300, vision_steps=300,
                 sft_steps=800, lm_lr=1e-3, align_lr=1e-3, vision_lr=3e-4, sft_lr=3e-4, encoders_steps=1000,
-                encoders_lr=1e-3, ckpt_every=200, ckpt_minutes=2.0),  # every stage ran at these steps on an H200 (README, "On a GPU")
+                encoders_lr=1e-3, ckpt_every=200, ckpt_minutes=2.0),  # every stage ran at these steps on an H200
 }
 
 
