@@ -95,7 +95,7 @@ def lm_key(args):
 
 
 SOURCES = ["data.py", "sampling.py", "encoders.py", "resampler.py", "integrate.py", "layers.py", "apollo.py",
-           "samples.py", "train.py"]
+           "samples.py", "config.py", "train.py"]
 
 
 def code_version():

@@ -21,220 +21,33 @@ Stages, in order (a stage whose checkpoint is in out_dir is reused, not re-run):
 Then the test split is scored: eval.json holds overall and per-category accuracy. The headline counts only
 questions not marked as shortcuts; eval.json carries the score with shortcuts too.
 Each run writes into out_dir: config.json, metrics.jsonl, tokenizer.json, one checkpoint per stage, eval.json.
+Every field of a run, the presets and the command line are in config.py.
 """
 import contextlib
 import ctypes
 import dataclasses
-import difflib
 import inspect
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from apollo import VISIONS, Apollo, answer_mc, config_from_flat
+from apollo import Apollo, answer_mc
+from config import (PRESETS, SCHEDULES, STAGES, Config, ConfigError, config_from_args, model_config, pick_device,
+                    stage_steps)
 from data import CATEGORIES, DataError, cpu_count, make_world
 from encoders import Pretraining
-from integrate import IGNORE, INTEGRATIONS, PAD, Tokenizer, format_mc, mc_answer
-from resampler import RESAMPLERS
+from integrate import IGNORE, PAD, Tokenizer, format_mc, mc_answer
 from samples import (Samples, TrainingError, batches, by_length, collate, described_items, mc_item, split_rows,
                      stage_items, turns_of, world_config)
 from sampling import VideoError
-
-STAGES = ["lm", "align", "vision", "sft"]
-SCHEDULES = {3: STAGES, 2: ["lm", "align", "sft"], 1: ["lm", "sft"]}
-
-
-def stage_steps(cfg, stage):
-    """A stage's steps: a shorter schedule gives the steps of the stages it drops to the stage that takes their
-    place, so that every schedule trains for as many steps."""
-    steps = getattr(cfg, f"{stage}_steps")
-    if stage == "align" and cfg.schedule == 2:
-        steps += cfg.vision_steps
-    if stage == "sft" and cfg.schedule == 1:
-        steps += cfg.align_steps + cfg.vision_steps
-    return steps
-
-
-@dataclass
-class Config:
-    preset: str = ""            # smoke | cpu | gpu; empty: gpu on CUDA, cpu elsewhere
-    out_dir: str = "out"        # where the run writes config, metrics, checkpoints, eval.json
-    data_dir: str = "data"      # where generated worlds are cached
-    data: str = ""              # a folder of your own: videos + train.jsonl and test.jsonl (either format) instead
-    device: str = "auto"        # auto | cpu | cuda | mps
-    stage: str = "all"          # all, or one of lm, align, vision, sft
-    resume: bool = False        # continue an interrupted stage from its last checkpoint
-    seed: int = 0
-    # the world (data.py)
-    n_train: int = 600          # videos per split, each with a caption
-    n_val: int = 60
-    n_test: int = 120
-    questions_per_video: int = 5  # val and test: the benchmark's questions per video
-    train_questions: int = 12   # a training video: up to this many, every question it supports (see data.py)
-    min_seconds: float = 3.0
-    max_seconds: float = 20.0
-    # sampling (sampling.py)
-    sampling: str = "fps"       # fps | uniform
-    fps: float = 1.0            # fps sampling: frames per second inside a clip
-    frames_per_clip: int = 4
-    max_clips: int = 4          # a longer video gets its clips spread out
-    num_frames: int = 16        # uniform sampling: frames over the whole video (a multiple of frames_per_clip)
-    # the model (encoders.py, resampler.py, integrate.py, apollo.py)
-    image_size: int = 64
-    patch_size: int = 8
-    vit_dim: int = 64
-    vit_layers: int = 3
-    vit_heads: int = 4
-    vision: str = "image+video"  # image | video | image+video: the encoders (both: grids fused, Apollo §4.2)
-    tokens_per_frame: int = 8
-    resampler: str = "perceiver"  # perceiver | mlp_pool | conv_pool (Table 1's connector comparison)
-    resampler_layers: int = 2
-    lm_dim: int = 128
-    lm_layers: int = 4
-    lm_heads: int = 4
-    vocab_size: int = 512       # byte-level BPE: 256 bytes + 6 special tokens + learned merges
-    integration: str = "timestamp"  # plain | start_end | timestamp | timestamp_start_end
-    # training (Apollo: AdamW, clip 1, 3% warm-up, cosine decay)
-    batch_size: int = 32
-    schedule: int = 3           # Apollo's 3 stages (align, vision, sft); 2: align (with vision's steps), sft;
-                                # 1: one sft stage with every step and every caption. The lm stage comes first in all
-    eval_sampling: str = ""     # fps | uniform: test with other sampling than training (empty: the same)
-    lm_from: str = ""           # a run's out_dir: start from its lm.pt's LM and its tokenizer, skipping stage lm
-    encoders_steps: int = 400   # stage encoders (contrastive pretraining of the towers); 0 skips it
-    encoders_lr: float = 3e-3
-    contrastive_loss: str = "siglip"  # siglip | clip
-    video_objective: str = "contrastive"  # contrastive | masked (VideoMAE-style, the self-supervised alternative)
-    lm_steps: int = 300         # the cpu preset's steps fit 15 minutes on a 2-core CPU like CI's
-    align_steps: int = 40
-    vision_steps: int = 40      # the encoders come pretrained: a short unfreezing
-    sft_steps: int = 200
-    lm_lr: float = 3e-3
-    align_lr: float = 2e-3
-    vision_lr: float = 1e-3
-    sft_lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup: float = 0.03        # share of a stage's steps spent warming up
-    grad_clip: float = 1.0
-    drills: int = 20000         # lm stage: short reading drills (data.reading_drills), in batches of their own
-    drill_share: float = 0.8    # share of lm steps that take a batch of drills (they are ~10x cheaper)
-    lm_scenes: int = 5000       # lm stage: scenes scripted but never rendered, read as caption + questions (text)
-    sft_caption_share: float = 0.3  # share of the training captions that sft keeps beside the questions
-    text_share: float = 0.15    # share of text-only samples in sft (Apollo: some text is essential)
-    length_buckets: int = 8     # sft: its samples cut into this many pools of like length, a batch from one (1: off)
-    grad_accum: int = 1         # micro-batches per step (each process takes batch_size / processes / grad_accum)
-    workers: int = -1           # DataLoader worker processes; -1: 0 on CPU, min(12, cores) on CUDA
-    max_bad_share: float = 0.05  # videos that cannot be sampled are skipped with a warning, up to this share
-    eval_batch_size: int = 64
-    log_every: int = 10
-    ckpt_every: int = 100
-    ckpt_minutes: float = 0.0   # also write <stage>_last.pt once this many minutes pass since the last (0: off)
-    compile: str = "auto"       # auto (on for CUDA only) | true | false
-    dtype: str = "auto"         # auto (bf16 on CUDA if supported) | float32 | bfloat16
-
-
-PRESETS = {
-    "smoke": dict(n_train=24, n_val=4, n_test=8, max_seconds=6.0, vit_dim=32, vit_layers=1, lm_dim=32,
-                  lm_layers=1, tokens_per_frame=2, resampler_layers=1, vocab_size=300, batch_size=8,
-                  encoders_steps=2, lm_steps=3, drills=64, lm_scenes=16, align_steps=2, vision_steps=2, sft_steps=3,
-                  max_clips=2, log_every=1, ckpt_every=2),
-    "cpu": dict(max_seconds=12.0),
-    "study": dict(n_train=300, n_val=40, n_test=80, max_seconds=12.0, batch_size=16, lm_steps=800, align_steps=40,
-                  vision_steps=40, sft_steps=150, encoders_steps=300),  # sweep.py: a run in ~3 min on 2 CPU cores
-    "gpu": dict(n_train=4000, n_val=200, n_test=400, fps=2.0, max_clips=8, image_size=64, vit_dim=192,
-                vit_layers=6, vit_heads=6, tokens_per_frame=16, resampler_layers=3, lm_dim=512, lm_layers=8,
-                lm_heads=8, vocab_size=1024, batch_size=64, lm_steps=3000, align_steps=300, vision_steps=300,
-                sft_steps=800, lm_lr=1e-3, align_lr=1e-3, vision_lr=3e-4, sft_lr=3e-4, encoders_steps=1000,
-                encoders_lr=1e-3, ckpt_every=200, ckpt_minutes=2.0),  # every stage ran at these steps on an H200
-}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Config from the command line: --key=value for any field; no exec, and booleans parsed as words
-
-
-class ConfigError(ValueError):
-    pass
-
-
-
-def parse_value(name, text, default):
-    if isinstance(default, bool):
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"--{name}: expected true or false, got {text!r}")
-    try:
-        return type(default)(text)
-    except ValueError:
-        raise ConfigError(f"--{name}: expected {type(default).__name__}, got {text!r}") from None
-
-
-def config_from_args(argv):
-    fields = {f.name: f.default for f in dataclasses.fields(Config)}
-    given = {}
-    for arg in argv:
-        key, eq, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if not key:
-            raise ConfigError(f"unexpected argument {arg!r}: use --key=value")
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=3)
-            raise ConfigError(f"unknown config key --{key}" + (f"; did you mean {', '.join(close)}?" if close else ""))
-        given[key] = parse_value(key, text, fields[key]) if eq else parse_value(key, "true", fields[key])
-    preset = given.get("preset") or ("gpu" if pick_device(given.get("device", "auto")).type == "cuda" else "cpu")
-    if preset not in PRESETS:
-        raise ConfigError(f"--preset: unknown preset {preset!r}; choose from {list(PRESETS)}")
-    cfg = Config(**{**PRESETS[preset], **given, "preset": preset})
-    check_config(cfg)
-    return cfg
-
-
-def check_config(cfg):
-    if cfg.stage not in ["all", "encoders"] + STAGES:
-        raise ConfigError(f"--stage: {cfg.stage!r} is not one of {['all', 'encoders'] + STAGES}")
-    if cfg.sampling not in ("fps", "uniform") or cfg.eval_sampling not in ("", "fps", "uniform"):
-        raise ConfigError(f"--sampling / --eval_sampling: {cfg.sampling!r} / {cfg.eval_sampling!r}: use fps or uniform")
-    if cfg.schedule not in (1, 2, 3):
-        raise ConfigError(f"--schedule={cfg.schedule}: Apollo compares 1, 2 and 3 stages")
-    if cfg.integration not in INTEGRATIONS:
-        raise ConfigError(f"--integration: {cfg.integration!r} is not one of {INTEGRATIONS}")
-    if cfg.sampling == "uniform" and cfg.num_frames % cfg.frames_per_clip:
-        raise ConfigError(f"--num_frames={cfg.num_frames} must be a multiple of frames_per_clip={cfg.frames_per_clip}")
-    if cfg.resampler not in RESAMPLERS:
-        raise ConfigError(f"--resampler: {cfg.resampler!r} is not one of {RESAMPLERS}")
-    if cfg.contrastive_loss not in ("siglip", "clip") or cfg.video_objective not in ("contrastive", "masked"):
-        raise ConfigError("--contrastive_loss must be siglip|clip and --video_objective contrastive|masked")
-    if cfg.vision not in VISIONS:
-        raise ConfigError(f"--vision: {cfg.vision!r} is not one of {VISIONS}")
-    if "video" in cfg.vision and cfg.frames_per_clip % 2:
-        raise ConfigError(f"--frames_per_clip={cfg.frames_per_clip} must be even for the video encoder (tubelets of 2)")
-    if cfg.image_size % cfg.patch_size:
-        raise ConfigError(f"--image_size={cfg.image_size} must be a multiple of --patch_size={cfg.patch_size}")
-    if cfg.compile not in ("auto", "true", "false") or cfg.dtype not in ("auto", "float32", "bfloat16"):
-        raise ConfigError("--compile must be auto|true|false and --dtype auto|float32|bfloat16")
-
-
-def model_config(cfg, vocab_size):
-    return config_from_flat(asdict(cfg), vocab_size)
-
-
-
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def trainable(model, stage):
