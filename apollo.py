@@ -168,6 +168,27 @@ def option_logprobs(model, ids, lengths, frames, option_ids):
     return scores
 
 
+def effective_rank(x):
+    """x (N, F), one row per sample -> exp of the entropy of the shares of variance along x's principal directions:
+    1 when the rows differ along a single direction, up to min(N - 1, F) when they spread evenly."""
+    x = x.float() - x.float().mean(0)
+    energy = torch.linalg.svdvals(x).pow(2)  # (min(N, F),)
+    p = energy / energy.sum().clamp_min(1e-30)
+    return float(torch.exp(-(p * p.clamp_min(1e-30).log()).sum()))
+
+
+@torch.no_grad()
+def visual_spread(model, clips):
+    """How much what the LM receives differs from video to video. clips (N, T, H, W, 3) uint8, one clip of each of N
+    videos -> the effective rank, across the videos, of the projected feature grids and of the connector's tokens.
+    A connector that has collapsed, giving nearly the same tokens whatever the video, shows a tokens rank near 1
+    while the grid's is several times higher: the LM cannot answer from the video what never reaches it."""
+    grid = model.projector(model.encode_frames(clips))  # (N, T, h, w, D)
+    tokens = model.resampler(grid)  # (N, L, D)
+    return {"grid": round(effective_rank(grid.flatten(1)), 2), "tokens": round(effective_rank(tokens.flatten(1)), 2),
+            "videos": len(clips)}
+
+
 @torch.no_grad()
 def generate(model, ids, frames=None, max_new=60):
     """Greedy text after a prompt (ids (1, S)) about a video: the ids the model writes, up to <eos>."""

@@ -103,6 +103,10 @@ def evaluate_modes(ckpt, jsonl=None, modes=EVAL_MODES, device="auto", log=print)
                 log(f"caption: left out: not every video of {jsonl} has a caption")
                 continue
             choices = train.predict(model, samples.Samples(told, tok, cfg, model.tokens_per_clip), cfg, env)
+        elif mode == "video":  # and whether the connector's tokens still tell the videos apart (train.spread_of)
+            asked = ModeSamples(items, tok, cfg, model.tokens_per_clip, mode)
+            choices = train.predict(model, asked, cfg, env)
+            out["visual_spread"] = train.spread_of(model, asked, env)
         elif mode in MODES:
             choices = ask(model, tok, cfg, env, items, mode)
         else:
@@ -283,6 +287,10 @@ def main(argv):
                 r = result[mode]
                 cats = " ".join(f"{k} {v:.3f}" for k, v in r["categories"].items())
                 print(f"{mode:>7}: {r['overall']:.3f} (chance {r['chance']:.2f}, n={r['n']}) | {cats}")
+        if result.get("visual_spread"):
+            s = result["visual_spread"]
+            print(f"visual tokens: effective rank {s['tokens']} across {s['videos']} videos "
+                  f"(projected grids: {s['grid']})")
         if "json" in opts:
             with open(opts["json"], "w") as f:
                 json.dump(result, f, indent=1)

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from apollo import Apollo, answer_mc
+from apollo import Apollo, answer_mc, visual_spread
 from config import (PRESETS, SCHEDULES, STAGES, Config, ConfigError, config_from_args, model_config, pick_device,
                     stage_steps)
 from data import CATEGORIES, DataError, cpu_count, make_world
@@ -191,6 +191,8 @@ def train_stage(model, stage, dataset, cfg, env):
                    "ms_per_step": round(1000 * dt / (step + 1 - logged), 1),
                    "data_wait": round(waited / dt, 4),  # share of the time spent waiting for batches
                    "skipped_videos": skipped}
+            if step + 1 == steps and stage in ("align", "vision", "sft"):  # has the connector collapsed?
+                row["visual_spread"] = spread_of(model, dataset, env)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=row["tokens_per_s"], wait=f"{row['data_wait']:.0%}")
             with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -200,6 +202,10 @@ def train_stage(model, stage, dataset, cfg, env):
             save_checkpoint(last_path, model, opt, stage, step + 1, cfg)
             saved_step, saved_at = step + 1, time.perf_counter()
     if env["main"]:
+        spread = row.get("visual_spread") if steps > start else None
+        if spread:
+            env["log"](f"[{stage}] visual tokens: effective rank {spread['tokens']} across {spread['videos']} videos "
+                       f"(the projected grids: {spread['grid']})")
         save_checkpoint(os.path.join(cfg.out_dir, f"{stage}.pt"), model, opt, stage, steps, cfg)
         if os.path.exists(last_path):
             os.remove(last_path)
@@ -278,6 +284,20 @@ def evaluate(model, dataset, cfg, env):
     """Accuracy of the model's letter choices on multiple-choice items, overall and per category."""
     choices = predict(model, dataset, cfg, env)
     return score(dataset.items, [c == ord(it["answer"]) - 65 for c, it in zip(choices, dataset.items)])
+
+
+def spread_of(model, dataset, env, n=64):
+    """apollo.visual_spread over the first clip of (up to) n of dataset's videos, in its cache after warm: whether the
+    connector's tokens still tell one video from another (a collapsed connector's rank is near 1)."""
+    used = {it.get("video") for it in dataset.items}
+    paths = sorted(p for p, v in dataset.frames.items() if p in used and isinstance(v, tuple))[:n]
+    if len(paths) < 2:
+        return None
+    model.eval()
+    with env["autocast"]():
+        spread = visual_spread(model, torch.stack([dataset.frames[p][0][0] for p in paths]).to(env["device"]))
+    model.train()
+    return spread
 
 
 LM_KEYS = ["lm_dim", "lm_layers", "lm_heads", "vocab_size"]
@@ -462,7 +482,7 @@ def run(cfg, env):
     test_cfg = dataclasses.replace(cfg, sampling=cfg.eval_sampling or cfg.sampling)
     test = Samples(test, tok, test_cfg, model.tokens_per_clip)
     skipped = test.warm(env["workers"], cfg.max_bad_share, env["log"])
-    result = dict(evaluate(model, test, cfg, env), skipped_videos=skipped)
+    result = dict(evaluate(model, test, cfg, env), skipped_videos=skipped, visual_spread=spread_of(model, test, env))
 
     def asked(items):  # the headline's accuracy on another form of the same questions
         r = evaluate(model, Samples(items, tok, cfg, model.tokens_per_clip), cfg, env)

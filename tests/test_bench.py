@@ -82,6 +82,8 @@ def test_a_model_asked_in_each_mode(tmp_path, tiny_world):
     result = bench.evaluate_modes(str(out / "sft.pt"), f"{world}/test.jsonl", device="cpu")
     for mode in bench.EVAL_MODES:
         assert result[mode]["with_shortcuts"]["n"] == len(items) and 0 <= result[mode]["overall"] <= 1
+    videos = len({it["video"] for it in items})  # asked with the video: how far its tokens tell the videos apart
+    assert result["visual_spread"]["videos"] == videos and 1.0 <= result["visual_spread"]["tokens"] <= videos
     # a user's JSONL whose videos have no captions: the caption mode is left out, with a note
     lone = tmp_path / "lone.jsonl"
     write_jsonl(str(lone), [dict(q, video=os.path.join(world, q["video"])) for q in load_jsonl(f"{world}/test.jsonl")])

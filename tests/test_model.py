@@ -7,7 +7,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from apollo import Apollo, ApolloConfig, LMConfig, answer_mc, option_logprobs
+from apollo import Apollo, ApolloConfig, LMConfig, answer_mc, effective_rank, option_logprobs, visual_spread
 from encoders import EncoderConfig, ImageEncoder, preprocess
 from integrate import (BOS, EOS, IGNORE, PAD, SPECIALS, VID_END, VID_START, VIDEO, Tokenizer, build_sample, format_mc,
                        mc_answer, option_answers, video_tokens)
@@ -126,6 +126,34 @@ def test_match_visual_scale_starts_visual_tokens_at_the_scale_of_the_word_embedd
             after = model.encode_video(frames).pow(2).mean().sqrt().item()
         assert before > 0.5 and abs(words - 0.14) < 0.01  # order 1 (the norm's gain of 1) against words of 0.14
         assert abs(after / before - words) < 1e-3 * words  # the gain went from 1 to the words' RMS
+
+
+def test_effective_rank_counts_the_directions_rows_differ_along():
+    torch.manual_seed(0)
+    base, direction = torch.randn(50), torch.randn(50)
+    one = base + torch.randn(20, 1) * direction  # 20 rows along one line
+    assert abs(effective_rank(one) - 1.0) < 1e-4
+    even = torch.cat([torch.eye(4), -torch.eye(4)]) * 3.0  # +-3 along 4 axes: the same variance along each
+    assert abs(effective_rank(even) - 4.0) < 1e-4
+    skewed = torch.cat([torch.eye(4) * torch.tensor([10.0, 1, 1, 1]), -torch.eye(4) * torch.tensor([10.0, 1, 1, 1])])
+    assert 1.0 < effective_rank(skewed) < 2.0  # one direction holds 100 / 103 of the variance
+    assert effective_rank(torch.ones(5, 3)) == 1.0  # identical rows: no spread at all, reported as rank 1
+
+
+def test_visual_spread_tells_a_collapsed_connector_from_a_working_one():
+    """A connector whose tokens no longer depend on the video (the Perceiver's attention and MLP silenced: only
+    its learned latents come out) has tokens rank 1; the same model untouched passes the videos' differences on."""
+    torch.manual_seed(0)
+    model = tiny_apollo()
+    clips = torch.randint(0, 256, (12, 2, 32, 32, 3), dtype=torch.uint8)
+    working = visual_spread(model, clips)
+    assert working["videos"] == 12 and working["tokens"] > 2.0 and working["grid"] > 2.0
+    with torch.no_grad():
+        for layer in model.resampler.layers:
+            layer.attn.proj.weight.zero_()
+            layer.mlp.w2.weight.zero_()
+    collapsed = visual_spread(model, clips)
+    assert collapsed["tokens"] == 1.0 and collapsed["grid"] == working["grid"]
 
 
 def test_option_logprobs_in_one_batch_equal_each_answer_scored_alone():

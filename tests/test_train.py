@@ -42,6 +42,10 @@ def test_smoke_preset_runs_the_whole_pipeline_in_under_a_minute(tmp_path):
     assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     assert all((out / f"{s}.pt").exists() for s in train.STAGES)
     assert "test accuracy" in run.stdout and "without the video; " in run.stdout
+    spread = result["visual_spread"]  # does what the LM receives still differ from test video to test video
+    assert spread["videos"] == 8 and spread["tokens"] >= 1.0 and spread["grid"] >= 1.0
+    assert [(r["stage"], r["step"]) for r in rows if "visual_spread" in r] == [("align", 2), ("vision", 2), ("sft", 3)]
+    assert "visual tokens: effective rank" in run.stderr + run.stdout
     assert "with the caption instead" in run.stdout
     # a second run reuses every stage's checkpoint and only evaluates
     again = subprocess.run([sys.executable, "train.py", "--preset=smoke", f"--out_dir={out}", f"--data_dir={data}"],
@@ -320,6 +324,8 @@ def test_a_frozen_stage_encodes_each_video_once_a_batch_in_one_call(tiny_world, 
     items = samples.stage_items("align", world, cfg, np.random.default_rng(0))
     data = Samples(items, tok, cfg, model.tokens_per_clip)
     train.train_stage(model, "align", data, cfg, env)
+    *calls, spread = calls  # the last call: visual_spread after the stage, the first clip of each video
+    assert spread == len(data.frames)
     assert 0 < len(calls) <= 4  # one call a step at most (12 videos: the first two steps see them all)
     assert sum(calls) == sum(len(clips) for _, clips in data.frames.values())  # every clip of every video, once
 
