@@ -166,7 +166,8 @@ def summarise(results):
     out = {}
     for variant, runs in results.items():
         row = {"overall": mean_std([r["overall"] for r in runs]), "n_seeds": len(runs),
-               "without_video": mean_std([r.get("without_video", {}).get("overall") for r in runs])}
+               "without_video": mean_std([r.get("without_video", {}).get("overall") for r in runs]),
+               "tokens_rank": mean_std([(r.get("visual_spread") or {}).get("tokens") for r in runs])}
         for c in CATEGORIES:
             row[c] = mean_std([r["categories"].get(c) for r in runs])
         out[variant] = row
@@ -189,13 +190,17 @@ def report(name, summary, seeds, preset):
     lines = [f"# Study `{name}`: {study['what']}", "",
              f"`python sweep.py {name} --seeds={seeds} --preset={preset}`; accuracy in %, mean +- std over "
              f"{seeds} seeds (the headline score: shortcut questions left out); without the video: the same model and "
-             "questions, no visual tokens (what the text and the model's priors give); paper: ApolloBench overall.", "",
-             "| variant | overall | " + " | ".join(CATEGORIES) + " | without the video | paper |",
-             "|---|---|" + "---|" * len(CATEGORIES) + "---|---|"]
+             "questions, no visual tokens (what the text and the model's priors give); tokens rank: the effective "
+             "rank, across test videos, of the connector's tokens (eval.json's visual_spread; near 1: the connector "
+             "has collapsed, the LM gets nearly the same tokens whatever the video); paper: ApolloBench overall.", "",
+             "| variant | overall | " + " | ".join(CATEGORIES) + " | without the video | tokens rank | paper |",
+             "|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|"]
     for variant, row in summary.items():
-        paper = study["paper"].get(variant)
+        paper, rank = study["paper"].get(variant), row.get("tokens_rank", (None, None))
         lines.append(f"| {variant} | **{cell(row['overall'])}** | " + " | ".join(cell(row[c]) for c in CATEGORIES)
-                     + f" | {cell(row['without_video'])} | {paper if paper is not None else ''} |")
+                     + f" | {cell(row['without_video'])} | "
+                     + ("-" if rank[0] is None else f"{rank[0]:.2f} +- {rank[1]:.2f}")
+                     + f" | {paper if paper is not None else ''} |")
     ranked = sorted(summary, key=lambda v: -summary[v]["overall"][0])
     gap = summary[ranked[0]]["overall"][0] - summary[ranked[-1]]["overall"][0]
     spread = np.mean([summary[v]["overall"][1] for v in summary])

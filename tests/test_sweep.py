@@ -35,6 +35,9 @@ def test_a_tiny_study_runs_caches_and_reports(tmp_path, monkeypatch):
     assert mean == pytest.approx(sum(scores) / 2) and std == pytest.approx(abs(scores[0] - scores[1]) / 2 ** 0.5)
     text = sweep.report("tiny", summary, 2, "smoke")
     assert "| perceiver |" in text and "| 55.5 |" in text and "Best here" in text and "without the video" in text
+    ranks = [r["visual_spread"]["tokens"] for r in results["perceiver"]]  # has the connector collapsed
+    assert summary["perceiver"]["tokens_rank"][0] == pytest.approx(sum(ranks) / 2)
+    assert f"| {sum(ranks) / 2:.2f} +- " in text
     blind = [r["without_video"]["overall"] for r in results["perceiver"]]
     assert summary["perceiver"]["without_video"][0] == pytest.approx(sum(blind) / 2)
 
