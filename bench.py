@@ -288,9 +288,7 @@ def main(argv):
                 cats = " ".join(f"{k} {v:.3f}" for k, v in r["categories"].items())
                 print(f"{mode:>7}: {r['overall']:.3f} (chance {r['chance']:.2f}, n={r['n']}) | {cats}")
         if result.get("visual_spread"):
-            s = result["visual_spread"]
-            print(f"visual tokens: effective rank {s['tokens']} across {s['videos']} videos "
-                  f"(projected grids: {s['grid']})")
+            print(train.spread_text(result["visual_spread"]))
         if "json" in opts:
             with open(opts["json"], "w") as f:
                 json.dump(result, f, indent=1)

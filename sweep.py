@@ -196,7 +196,7 @@ def report(name, summary, seeds, preset):
              "| variant | overall | " + " | ".join(CATEGORIES) + " | without the video | tokens rank | paper |",
              "|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|"]
     for variant, row in summary.items():
-        paper, rank = study["paper"].get(variant), row.get("tokens_rank", (None, None))
+        paper, rank = study["paper"].get(variant), row["tokens_rank"]
         lines.append(f"| {variant} | **{cell(row['overall'])}** | " + " | ".join(cell(row[c]) for c in CATEGORIES)
                      + f" | {cell(row['without_video'])} | "
                      + ("-" if rank[0] is None else f"{rank[0]:.2f} +- {rank[1]:.2f}")

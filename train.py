@@ -204,8 +204,7 @@ def train_stage(model, stage, dataset, cfg, env):
     if env["main"]:
         spread = row.get("visual_spread") if steps > start else None
         if spread:
-            env["log"](f"[{stage}] visual tokens: effective rank {spread['tokens']} across {spread['videos']} videos "
-                       f"(the projected grids: {spread['grid']})")
+            env["log"](f"[{stage}] {spread_text(spread)}")
         save_checkpoint(os.path.join(cfg.out_dir, f"{stage}.pt"), model, opt, stage, steps, cfg)
         if os.path.exists(last_path):
             os.remove(last_path)
@@ -298,6 +297,11 @@ def spread_of(model, dataset, env, n=64):
         spread = visual_spread(model, torch.stack([dataset.frames[p][0][0] for p in paths]).to(env["device"]))
     model.train()
     return spread
+
+
+def spread_text(spread):
+    return (f"visual tokens: effective rank {spread['tokens']} across {spread['videos']} videos "
+            f"(projected grids: {spread['grid']})")
 
 
 LM_KEYS = ["lm_dim", "lm_layers", "lm_heads", "vocab_size"]
