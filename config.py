@@ -116,11 +116,11 @@ PRESETS = {
     "cpu": dict(max_seconds=12.0),
     "study": dict(n_train=300, n_val=40, n_test=80, max_seconds=12.0, batch_size=16, lm_steps=800, align_steps=40,
                   vision_steps=40, sft_steps=150, encoders_steps=300),  # sweep.py: a run in ~3 min on 2 CPU cores
-    "gpu": dict(n_train=4000, n_val=200, n_test=400, fps=2.0, max_clips=8, image_size=64, vit_dim=192,
-                vit_layers=6, vit_heads=6, tokens_per_frame=16, resampler_layers=3, lm_dim=512, lm_layers=8,
-                lm_heads=8, vocab_size=1024, batch_size=64, lm_steps=3000, align_steps=300, vision_steps=300,
-                sft_steps=800, lm_lr=1e-3, align_lr=1e-3, vision_lr=3e-4, sft_lr=3e-4, encoders_steps=1000,
-                encoders_lr=1e-3, ckpt_every=200, ckpt_minutes=2.0),  # every stage ran at these steps on an H200
+    "gpu": dict(n_train=2500, n_val=200, n_test=300, max_seconds=12.0, fps=2.0, image_size=64, vit_dim=192,
+                vit_layers=6, vit_heads=6, resampler_layers=3, lm_dim=512, lm_layers=8, lm_heads=8, vocab_size=1024,
+                batch_size=64, encoders_steps=600, lm_steps=3000, align_steps=200, vision_steps=200, sft_steps=600,
+                lm_lr=1e-3, align_lr=1e-3, vision_lr=3e-4, sft_lr=3e-4, encoders_lr=1e-3, ckpt_every=200,
+                ckpt_minutes=2.0),  # sized to finish within one 10-minute call on an H200 (README, "On a GPU")
 }
 
 
