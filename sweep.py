@@ -10,10 +10,12 @@ installed a plot like the paper's figure.
 Every run is a plain `train.py` run in its own folder, results/runs/STUDY/VARIANT-sSEED, so a study that is
 stopped and started again skips the runs that finished (their eval.json is there) and resumes the one that
 was cut off (train.py reuses finished stages and continues the interrupted one). A run made by other code
-(any of SOURCES changed since) is trained again, so a component you swapped is what the study measures.
-The text-only stage lm does not depend on the vision side, so each seed trains it once per LM size and
-every variant starts from it (--lm_from), the way the paper's variants all start from one pretrained Qwen.
+(any of SOURCES changed since, in more than comments and docstrings) is trained again, so a component you
+swapped is what the study measures. The text-only stage lm does not depend on the vision side, so each seed
+trains it once per LM size and every variant starts from it (--lm_from), the way the paper's variants all
+start from one pretrained Qwen.
 """
+import ast
 import hashlib
 import json
 import os
@@ -98,13 +100,22 @@ SOURCES = ["data.py", "sampling.py", "encoders.py", "resampler.py", "integrate.p
            "samples.py", "config.py", "train.py"]
 
 
-def code_version():
+def code_version(root=HERE):
     """A hash of the code a run depends on: a run made by other code is not reused (you changed a component
-    to see what it does: the study must train again, not hand back the old numbers)."""
+    to see what it does: the study must train again, not hand back the old numbers). It hashes each file's syntax
+    tree without docstrings, so editing a comment, a docstring or the layout keeps the runs; any change to what
+    the code does (a statement, a constant, a default) trains them again."""
     digest = hashlib.sha1()
     for name in SOURCES:
-        with open(os.path.join(HERE, name), "rb") as f:
-            digest.update(f.read())
+        with open(os.path.join(root, name), encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=name)
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        digest.update(name.encode() + ast.dump(tree).encode())
     return digest.hexdigest()[:12]
 
 

@@ -45,3 +45,20 @@ def test_a_tiny_study_runs_caches_and_reports(tmp_path, monkeypatch):
 def test_r_squared_of_known_lists():
     assert sweep.r_squared([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
     assert sweep.r_squared([1, 2, 3, 4], [1, -1, -1, 1]) == pytest.approx(0.0)
+
+
+def test_code_version_ignores_comments_and_docstrings_not_code(tmp_path):
+    for name in sweep.SOURCES:
+        with open(os.path.join(sweep.HERE, name)) as f:
+            (tmp_path / name).write_text(f.read())
+    version = sweep.code_version(str(tmp_path))
+    assert version == sweep.code_version()
+    layers = tmp_path / "layers.py"
+    text = layers.read_text()
+    reworded = text.replace('"""Pre-norm transformer block', '"""A pre-norm block, reworded', 1)
+    reworded = reworded.replace("class RMSNorm(nn.Module):", "class RMSNorm(nn.Module):  # a new comment", 1)
+    assert reworded != text
+    layers.write_text(reworded)
+    assert sweep.code_version(str(tmp_path)) == version  # the same code: the runs are kept
+    layers.write_text(text.replace("eps=1e-6", "eps=1e-5", 1))
+    assert sweep.code_version(str(tmp_path)) != version  # a default changed: the runs are trained again
