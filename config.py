@@ -23,7 +23,7 @@ SCHEDULES = {3: STAGES, 2: ["lm", "align", "sft"], 1: ["lm", "sft"]}
 def stage_steps(cfg, stage):
     """A stage's steps: a shorter schedule gives the steps of the stages it drops to the stage that takes their
     place, so that every schedule trains for as many steps."""
-    steps = getattr(cfg, f"{stage}_steps")
+    steps = getattr(cfg, f"{stage}_steps") + (cfg.copy_steps if stage == "lm" else 0)
     if stage == "align" and cfg.schedule == 2:
         steps += cfg.vision_steps
     if stage == "sft" and cfg.schedule == 1:
@@ -92,6 +92,9 @@ class Config:
     warmup: float = 0.03        # share of a stage's steps spent warming up
     grad_clip: float = 1.0
     drills: int = 20000         # lm stage: short reading drills (data.reading_drills), in batches of their own
+    copy_drills: int = 0        # lm stage: copy drills (data.copy_drills), the induction that reading is built on
+    copy_steps: int = 0         # lm stage: its first steps take copy drills only, before lm_steps of the whole mix
+    copy_lr: float = 1e-3       # their constant rate (README "The copy warm-up": 10000, 800, 1e-3 and --lm_lr=1e-3)
     drill_share: float = 0.8    # share of lm steps that take a batch of drills (they are ~10x cheaper)
     lm_scenes: int = 5000       # lm stage: scenes scripted but never rendered, read as caption + questions (text)
     sft_caption_share: float = 0.3  # share of the training captions that sft keeps beside the questions
@@ -186,6 +189,8 @@ def check_config(cfg):
         raise ConfigError(f"--frames_per_clip={cfg.frames_per_clip} must be even for the video encoder (tubelets of 2)")
     if cfg.image_size % cfg.patch_size:
         raise ConfigError(f"--image_size={cfg.image_size} must be a multiple of --patch_size={cfg.patch_size}")
+    if cfg.copy_steps and not cfg.copy_drills:
+        raise ConfigError(f"--copy_steps={cfg.copy_steps} needs copy drills to take: --copy_drills is 0")
     if cfg.compile not in ("auto", "true", "false") or cfg.dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError("--compile must be auto|true|false and --dtype auto|float32|bfloat16")
 

@@ -292,6 +292,21 @@ def reading_drills(rng, n):
     return drills
 
 
+def copy_drills(rng, n):
+    """n (prompt, answer) texts that repeat a random run of the world's words at a random distance: the
+    content-addressed copy (an induction head: find the current word earlier on, say what followed it) that
+    reading is built from, and which our LM from scratch finds only after a long plateau (README, "The copy
+    warm-up": given a warm-up of them, stage lm reads the caption better). The distance varies so that the copy
+    must be found by content: at a fixed distance the LM learns to copy by position, which reads nothing."""
+    words = list(dict.fromkeys(list(COLORS) + SHAPES + list(DIRECTIONS) + COUNTS + list(GLYPHS)))
+    out = []
+    for _ in range(n):
+        run = list(rng.choice(words, int(rng.integers(4, 13)), replace=False))  # no word twice: one place to copy from
+        before, between = (list(rng.choice(words, int(rng.integers(0, 7)))) for _ in range(2))
+        out.append((" ".join(before + run + between + run[:1]), " " + " ".join(run[1:])))
+    return out
+
+
 def script_texts(cfg, n, seed=0):
     """n scenes that are never rendered, for the text-only lm stage: each one's caption and its questions. They are
     drawn from a seed stream of their own ([seed, 3, i]; the splits use 0, 1, 2), so no test scene is among them.

@@ -16,7 +16,7 @@ import os
 import numpy as np
 import torch
 
-from data import WorldConfig, describe_span, load_jsonl, reading_drills, script_texts
+from data import WorldConfig, copy_drills, describe_span, load_jsonl, reading_drills, script_texts
 from integrate import IGNORE, PAD, build_sample, format_mc, mc_answer, option_answers, video_tokens
 from sampling import VideoError, sample_clips
 
@@ -148,17 +148,18 @@ def collate(batch):
             "lengths": torch.tensor([len(b["ids"]) for b in batch]), "option_ids": [b["option_ids"] for b in batch]}
 
 
-def batches(pools, batch_size, seed, start_step, shares):
+def batches(pools, batch_size, seed, start_step, shares, first=(0, 0)):
     """Index lists for steps start_step, start_step + 1, ...: each step takes its batch from one pool (pool k with
-    probability shares[k], drawn from the step's own seed), walking that pool's fresh permutation each epoch; so
-    a batch holds samples of one kind (short drills are not padded to long conversations), and a resumed stage
-    sees exactly the batches the interrupted one would have."""
+    probability shares[k], drawn from the step's own seed; the first first[1] steps from pool first[0]), walking
+    that pool's fresh permutation each epoch; so a batch holds samples of one kind (short drills are not padded to
+    long conversations), and a resumed stage sees exactly the batches the interrupted one would have."""
     def epoch_order(k, n):
         return functools.lru_cache(maxsize=2)(lambda e: np.random.default_rng([seed, k, e]).permutation(n))
     orders = [epoch_order(k, len(p)) for k, p in enumerate(pools)]
     pos, step = [0] * len(pools), 0
     while True:
-        k = int(np.random.default_rng([seed, 1 << 20, step]).choice(len(pools), p=shares))
+        drawn = np.random.default_rng([seed, 1 << 20, step]).choice(len(pools), p=shares)
+        k = first[0] if step < first[1] else int(drawn)
         if step >= start_step:
             n = len(pools[k])
             yield [pools[k][int(orders[k](p // n)[p % n])] for p in range(pos[k], pos[k] + batch_size)]
@@ -258,11 +259,12 @@ def stage_items(stage, world, cfg, rng):
         texts = [answer for c in captions for _, answer in turns_of(c)]
         drills = [{"kind": "drill", "turns": described(q["description"], [mc_turn(q)]) if "description" in q
                    else [mc_turn(q)]} for q in reading_drills(rng, cfg.drills)]
+        copies = [{"kind": "copy", "turns": [turn]} for turn in copy_drills(rng, cfg.copy_drills)]
         # scenes scripted but never rendered: the caption stands for the video, as in text_qa
         scripted = script_texts(world_config(cfg), cfg.lm_scenes, cfg.seed)
         scripts = conversation_items([dict(q, video=f"script {i}") for i, (_, qs) in enumerate(scripted) for q in qs],
                                      world, rng, context={f"script {i}": text for i, (text, _) in enumerate(scripted)})
-        return [{"turns": [("", t)]} for t in texts] + text_qa + drills + scripts
+        return [{"turns": [("", t)]} for t in texts] + text_qa + drills + copies + scripts
     if stage in ("align", "vision"):  # captions; a user's data without any: its questions
         return [caption_item(c, world) for c in captions] or conversation_items(questions, world, rng)
     share = 1.0 if cfg.schedule == 1 else cfg.sft_caption_share  # one stage: the captions of all stages

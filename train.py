@@ -136,14 +136,17 @@ def train_stage(model, stage, dataset, cfg, env):
             grids.update(zip(new, fresh.split([len(parts[path]) for path in new])))
         return torch.cat([grids[path] for path, _ in videos])  # (C, T, h, w, Dv)
     skipped = dataset.warm(env["workers"], cfg.max_bad_share, env["log"])
-    kinds = sorted({it.get("kind", "") for it in dataset.items})  # "drill" (lm stage) or "" (the rest)
+    kinds = sorted({it.get("kind", "") for it in dataset.items})  # "copy", "drill" (lm stage) or "" (the rest)
     pools = [[i for i, it in enumerate(dataset.items) if it.get("kind", "") == k] for k in kinds]
-    shares = [cfg.drill_share if k == "drill" else 1 - cfg.drill_share for k in kinds] if len(kinds) > 1 else [1.0]
+    short = sum(len(p) for k, p in zip(kinds, pools) if k)  # drills and copies: drill_share of the steps, by number
+    shares = [len(p) / short * cfg.drill_share if k else 1 - cfg.drill_share for k, p in zip(kinds, pools)]
+    first = (kinds.index("copy"), cfg.copy_steps) if "copy" in kinds else (0, 0)  # lm: the copy warm-up first
+    shares = shares if len(kinds) > 1 else [1.0]
     if stage == "sft":  # (in stage lm, whose items differ far more, batches of like length made a worse LM once)
         pools, shares = by_length(pools, shares, [dataset.size(i) for i in range(len(dataset))], cfg.batch_size,
                                   cfg.length_buckets)
     seed = cfg.seed * 1000 + (STAGES.index(stage) if stage in STAGES else len(STAGES))
-    order = shard(batches(pools, cfg.batch_size, seed, start, shares), env["rank"], env["world"], cfg.grad_accum)
+    order = shard(batches(pools, cfg.batch_size, seed, start, shares, first), env["rank"], env["world"], cfg.grad_accum)
     loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=order, collate_fn=collate,
                                               num_workers=env["workers"], pin_memory=env["device"].type == "cuda"))
     bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True, disable=not env["main"])
@@ -158,8 +161,9 @@ def train_stage(model, stage, dataset, cfg, env):
                   for b in micro]
         micro = [to_device(b, env["device"]) for b in micro]
         waited += time.perf_counter() - t_wait
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, base_lr, cfg.warmup)
+        for g in opt.param_groups:  # lm: the copy warm-up at a constant rate of its own (a decay stalls the copy)
+            g["lr"] = (cfg.copy_lr * min(1.0, (step + 1) / 20) if step < first[1]
+                       else lr_at(step - first[1], steps - first[1], base_lr, cfg.warmup))
         total = global_sum(sum(counts), env)
         step_loss = 0.0
         for m, b in enumerate(micro):

@@ -198,6 +198,17 @@ def test_option_order_does_not_give_the_answer_away():
         assert in_order[t] / total[t] < 0.35, (t, in_order[t], total[t])
 
 
+def test_copy_drills_repeat_a_run_found_by_content_at_varying_distances():
+    drills = data.copy_drills(np.random.default_rng(0), 300)
+    distances = set()
+    for prompt, answer in drills:
+        words, run = prompt.split(), answer.split()
+        first = " ".join(words).rfind(" ".join([words[-1]] + run))  # the run, whole, earlier in the prompt
+        assert first >= 0 and 3 <= len(run) <= 11 and len(set([words[-1]] + run)) == len(run) + 1
+        distances.add(len(" ".join(words)) - first)
+    assert len(distances) > 30  # the copy cannot be found by position
+
+
 def test_reading_drills_answer_is_the_named_option_or_the_described_fact():
     drills = data.reading_drills(np.random.default_rng(0), 600)
     kinds = Counter(q["template"] for q in drills)

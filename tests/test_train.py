@@ -69,6 +69,8 @@ def test_cli_overrides_and_errors():
         config_from_args(["--preset=huge"])
     with pytest.raises(ConfigError, match="--integration"):
         config_from_args(["--integration=interleaved"])
+    with pytest.raises(ConfigError, match="--copy_steps=5 needs copy drills"):
+        config_from_args(["--copy_steps=5", "--copy_drills=0"])
     run = subprocess.run([sys.executable, "train.py", "--vit_dimm=3"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode != 0 and "did you mean vit_dim" in run.stderr and "Traceback" not in run.stderr
     helped = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
@@ -107,10 +109,12 @@ def test_sft_asks_every_training_question_once_in_conversations_of_at_most_six(t
 
 
 def test_lm_stage_reads_captions_drills_and_unrendered_scripts(tiny_world, tmp_path):
-    world, cfg, tok, env = small_setup(tiny_world, tmp_path, "--lm_scenes=20", "--drills=40")
+    world, cfg, tok, env = small_setup(tiny_world, tmp_path, "--lm_scenes=20", "--drills=40", "--copy_drills=10")
     items = samples.stage_items("lm", world, cfg, np.random.default_rng(0))
     drills = [it for it in items if it.get("kind") == "drill"]
     assert len(drills) == 40 and 5 < sum(it["turns"][0][0].startswith("Description: ") for it in drills) < 35
+    copies = [it["turns"][0] for it in items if it.get("kind") == "copy"]  # their own pool: the warm-up draws it
+    assert len(copies) == 10 and all(p.split()[-1] + a in p for p, a in copies)
     captions = {samples.turns_of(c)[0][1] for c in samples.split_rows(world, "train")[1]}
     assert captions <= {it["turns"][0][1] for it in items if it["turns"][0][0] == ""}  # plain text: the captions
     read = [it["turns"][0][0].split("\n")[0][len("Description: "):] for it in items
@@ -205,6 +209,26 @@ def test_batches_keep_each_kind_apart_in_the_given_shares():
     assert 0.65 < kinds.count(True) / 400 < 0.85
     resumed = samples.batches(pools, 4, seed=1, start_step=250, shares=[0.75, 0.25])
     assert [next(resumed) for _ in range(150)] == [b for _, b in got[250:]]
+
+
+def test_copy_warm_up_opens_stage_lm_at_its_own_constant_rate(tmp_path):
+    run = subprocess.run([sys.executable, "train.py", "--preset=smoke", "--stage=lm", f"--out_dir={tmp_path / 'o'}",
+                          f"--data_dir={tmp_path / 'd'}", "--copy_drills=40", "--copy_steps=25", "--copy_lr=0.002"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows]
+    assert len(rows) == 28 and lrs[0] == pytest.approx(0.002 / 20) and lrs[19:25] == pytest.approx([0.002] * 6)
+    assert lrs[25] == pytest.approx(train.Config.lm_lr)  # then stage lm's own schedule (one warm-up step here)
+
+
+def test_batches_take_the_first_steps_from_the_warm_up_pool_then_the_shares():
+    pools = [list(range(0, 10)), list(range(100, 130))]
+    got = [b for _, b in zip(range(300), samples.batches(pools, 4, 1, 0, [0.75, 0.25], first=(1, 100)))]
+    assert all(min(b) >= 100 for b in got[:100])  # the warm-up: pool 1 only
+    assert 0.65 < sum(max(b) < 100 for b in got[100:]) / 200 < 0.85  # then the shares again
+    resumed = samples.batches(pools, 4, 1, 50, [0.75, 0.25], first=(1, 100))  # resumed inside the warm-up
+    assert [next(resumed) for _ in range(250)] == got[50:]
 
 
 def test_by_length_batches_like_sizes_together_and_keeps_every_item_and_share():
