@@ -271,4 +271,9 @@ def stage_items(stage, world, cfg, rng):
     kept = rng.permutation(len(captions))[: int(round(share * len(captions)))]
     video = conversation_items(questions, world, rng) + [caption_item(captions[i], world) for i in kept]
     n_text = int(len(video) * cfg.text_share / (1 - cfg.text_share))
-    return video + [text_qa[i] for i in rng.choice(len(text_qa), n_text, replace=n_text > len(text_qa))]
+    text = [text_qa[i] for i in rng.choice(len(text_qa), n_text, replace=n_text > len(text_qa))]
+    n_drills = int(len(video) * cfg.sft_drill_share / (1 - cfg.sft_drill_share))  # lm's drills, kept up in sft
+    n_copies = int(round(n_drills * cfg.copy_drills / (cfg.drills + cfg.copy_drills))) if n_drills else 0
+    drills = [{"turns": described(q["description"], [mc_turn(q)]) if "description" in q else [mc_turn(q)]}
+              for q in reading_drills(rng, n_drills - n_copies)]
+    return video + text + drills + [{"turns": [turn]} for turn in copy_drills(rng, n_copies)]

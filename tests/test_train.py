@@ -108,6 +108,19 @@ def test_sft_asks_every_training_question_once_in_conversations_of_at_most_six(t
     assert max(len(it["turns"]) for it in items) <= 6 < max(Counter(q["video"] for q in questions).values())
 
 
+def test_sft_keeps_a_share_of_drills_and_copies_when_asked(tiny_world, tmp_path):
+    world, cfg, tok, env = small_setup(tiny_world, tmp_path)
+    plain = samples.stage_items("sft", world, cfg, np.random.default_rng(0))
+    world, cfg, tok, env = small_setup(tiny_world, tmp_path, "--sft_drill_share=0.5", "--drills=30",
+                                       "--copy_drills=10")
+    kept = samples.stage_items("sft", world, cfg, np.random.default_rng(0))
+    assert kept[:len(plain)] == plain  # the same samples as without, then the drills
+    extra = kept[len(plain):]
+    video = sum(1 for it in plain if it.get("video"))
+    copies = sum(1 for it in extra if not it["turns"][0][0].endswith("Answer:"))
+    assert len(extra) == video and copies == round(video / 4) and not any(it.get("video") for it in extra)
+
+
 def test_lm_stage_reads_captions_drills_and_unrendered_scripts(tiny_world, tmp_path):
     world, cfg, tok, env = small_setup(tiny_world, tmp_path, "--lm_scenes=20", "--drills=40", "--copy_drills=10")
     items = samples.stage_items("lm", world, cfg, np.random.default_rng(0))
