@@ -100,6 +100,7 @@ class Config:
     sft_caption_share: float = 0.3  # share of the training captions that sft keeps beside the questions
     text_share: float = 0.15    # share of text-only samples in sft (Apollo: some text is essential)
     sft_drill_share: float = 0.0  # share of reading drills (and copies, by copy_drills) in sft, lest it unlearn them
+    sft_lm: bool = True         # sft trains the LM too (Apollo); false: the connector only, the LM as stage lm left it
     length_buckets: int = 8     # sft: its samples cut into this many pools of like length, a batch from one (1: off)
     grad_accum: int = 1         # micro-batches per step (each process takes batch_size / processes / grad_accum)
     workers: int = -1           # DataLoader worker processes; -1: 0 on CPU, min(12, cores) on CUDA

@@ -50,13 +50,13 @@ from samples import (Samples, TrainingError, batches, by_length, collate, descri
 from sampling import VideoError
 
 
-def trainable(model, stage):
-    """Which parts learn in each stage (the rest is frozen)."""
+def trainable(model, stage, sft_lm=True):
+    """Which parts learn in each stage (the rest is frozen); sft_lm=False keeps the LM frozen in sft too."""
     if stage == "encoders":  # model is the Pretraining module: everything in it learns
         return [p.requires_grad_(True) for p in model.parameters()]
     parts = {"lm": [model.lm], "align": [model.projector, model.resampler],
              "vision": [*model.encoders(), model.projector, model.resampler],
-             "sft": [model.projector, model.resampler, model.lm]}[stage]
+             "sft": [model.projector, model.resampler] + ([model.lm] if sft_lm else [])}[stage]
     for p in model.parameters():
         p.requires_grad_(False)
     for part in parts:
@@ -100,7 +100,7 @@ def global_sum(x, env):
 
 def train_stage(model, stage, dataset, cfg, env):
     steps, base_lr = stage_steps(cfg, stage), getattr(cfg, f"{stage}_lr")
-    params = trainable(model, stage)
+    params = trainable(model, stage, cfg.sft_lm)
     decay = [p for p in params if p.dim() >= 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
@@ -175,7 +175,8 @@ def train_stage(model, stage, dataset, cfg, env):
                     loss = net(b["pixels"], b["clip_ids"], b["frame_ids"])
                 else:
                     _, loss = net(b["ids"], None if frozen else b["frames"], b["labels"], grid=b.get("grid"))
-            (loss * (counts[m] * env["world"] / total)).backward()
+            if loss.requires_grad:  # (not a text-only batch of sft with the LM frozen: nothing of it learns)
+                (loss * (counts[m] * env["world"] / total)).backward()
             step_loss = step_loss + loss.detach().float() * counts[m] / total
         step_loss = global_sum(step_loss, env)
         if not torch.isfinite(step_loss):  # stop before the bad step touches the weights or a checkpoint

@@ -121,6 +121,18 @@ def test_sft_keeps_a_share_of_drills_and_copies_when_asked(tiny_world, tmp_path)
     assert len(extra) == video and copies == round(video / 4) and not any(it.get("video") for it in extra)
 
 
+def test_sft_with_the_lm_frozen_trains_the_connector_only_text_batches_included(tiny_world, tmp_path):
+    world, cfg, tok, env = small_setup(tiny_world, tmp_path, "--sft_lm=false", "--text_share=0.5", "--sft_steps=12",
+                                       "--batch_size=2", "--length_buckets=1")
+    model = train.Apollo(train.model_config(cfg, tok.vocab_size))
+    lm = {k: v.clone() for k, v in model.lm.state_dict().items()}
+    connector = [p.detach().clone() for p in model.resampler.parameters()]
+    data = Samples(samples.stage_items("sft", world, cfg, np.random.default_rng(0)), tok, cfg, model.tokens_per_clip)
+    train.train_stage(model, "sft", data, cfg, env)  # text-only batches among them: nothing of theirs learns
+    assert all(torch.equal(v, model.lm.state_dict()[k]) for k, v in lm.items())
+    assert any(not torch.equal(a, b) for a, b in zip(connector, model.resampler.parameters()))
+
+
 def test_lm_stage_reads_captions_drills_and_unrendered_scripts(tiny_world, tmp_path):
     world, cfg, tok, env = small_setup(tiny_world, tmp_path, "--lm_scenes=20", "--drills=40", "--copy_drills=10")
     items = samples.stage_items("lm", world, cfg, np.random.default_rng(0))
