@@ -158,8 +158,8 @@ def batches(pools, batch_size, seed, start_step, shares, first=(0, 0)):
     orders = [epoch_order(k, len(p)) for k, p in enumerate(pools)]
     pos, step = [0] * len(pools), 0
     while True:
-        drawn = np.random.default_rng([seed, 1 << 20, step]).choice(len(pools), p=shares)
-        k = first[0] if step < first[1] else int(drawn)
+        k = first[0] if step < first[1] else int(np.random.default_rng([seed, 1 << 20, step]).choice(
+            len(pools), p=shares))
         if step >= start_step:
             n = len(pools[k])
             yield [pools[k][int(orders[k](p // n)[p % n])] for p in range(pos[k], pos[k] + batch_size)]
@@ -183,6 +183,11 @@ def by_length(pools, shares, sizes, batch_size, buckets):
 def mc_turn(q):
     """A question's (prompt, answer) turn: the options listed, the answer as the model learns to say it."""
     return format_mc(q["question"], q["options"]), mc_answer(q["options"], q["answer"])
+
+
+def drill_item(q, kind=""):
+    """A reading drill as a text-only sample: its description (a lookup's facts), if any, before the question."""
+    return {"kind": kind, "turns": described(q["description"], [mc_turn(q)]) if "description" in q else [mc_turn(q)]}
 
 
 def described(text, turns):
@@ -257,8 +262,7 @@ def stage_items(stage, world, cfg, rng):
     text_qa = conversation_items(questions, world, rng, context)  # text only: the caption stands for the video
     if stage == "lm":  # plain text: captions (the loss covers the whole text), drills, questions on captions
         texts = [answer for c in captions for _, answer in turns_of(c)]
-        drills = [{"kind": "drill", "turns": described(q["description"], [mc_turn(q)]) if "description" in q
-                   else [mc_turn(q)]} for q in reading_drills(rng, cfg.drills)]
+        drills = [drill_item(q, "drill") for q in reading_drills(rng, cfg.drills)]
         copies = [{"kind": "copy", "turns": [turn]} for turn in copy_drills(rng, cfg.copy_drills)]
         # scenes scripted but never rendered: the caption stands for the video, as in text_qa
         scripted = script_texts(world_config(cfg), cfg.lm_scenes, cfg.seed)
@@ -274,6 +278,5 @@ def stage_items(stage, world, cfg, rng):
     text = [text_qa[i] for i in rng.choice(len(text_qa), n_text, replace=n_text > len(text_qa))]
     n_drills = int(len(video) * cfg.sft_drill_share / (1 - cfg.sft_drill_share))  # lm's drills, kept up in sft
     n_copies = int(round(n_drills * cfg.copy_drills / (cfg.drills + cfg.copy_drills))) if n_drills else 0
-    drills = [{"turns": described(q["description"], [mc_turn(q)]) if "description" in q else [mc_turn(q)]}
-              for q in reading_drills(rng, n_drills - n_copies)]
+    drills = [drill_item(q) for q in reading_drills(rng, n_drills - n_copies)]  # one pool with the rest in sft
     return video + text + drills + [{"turns": [turn]} for turn in copy_drills(rng, n_copies)]

@@ -139,9 +139,9 @@ def train_stage(model, stage, dataset, cfg, env):
     kinds = sorted({it.get("kind", "") for it in dataset.items})  # "copy", "drill" (lm stage) or "" (the rest)
     pools = [[i for i, it in enumerate(dataset.items) if it.get("kind", "") == k] for k in kinds]
     short = sum(len(p) for k, p in zip(kinds, pools) if k)  # drills and copies: drill_share of the steps, by number
-    shares = [len(p) / short * cfg.drill_share if k else 1 - cfg.drill_share for k, p in zip(kinds, pools)]
+    shares = ([len(p) / short * cfg.drill_share if k else 1 - cfg.drill_share for k, p in zip(kinds, pools)]
+              if len(kinds) > 1 else [1.0])
     first = (kinds.index("copy"), cfg.copy_steps) if "copy" in kinds else (0, 0)  # lm: the copy warm-up first
-    shares = shares if len(kinds) > 1 else [1.0]
     if stage == "sft":  # (in stage lm, whose items differ far more, batches of like length made a worse LM once)
         pools, shares = by_length(pools, shares, [dataset.size(i) for i in range(len(dataset))], cfg.batch_size,
                                   cfg.length_buckets)
@@ -161,7 +161,7 @@ def train_stage(model, stage, dataset, cfg, env):
                   for b in micro]
         micro = [to_device(b, env["device"]) for b in micro]
         waited += time.perf_counter() - t_wait
-        for g in opt.param_groups:  # lm: the copy warm-up at a constant rate of its own (a decay stalls the copy)
+        for g in opt.param_groups:  # lm: the copy warm-up, a 20-step ramp to a constant rate (a decay stalls it)
             g["lr"] = (cfg.copy_lr * min(1.0, (step + 1) / 20) if step < first[1]
                        else lr_at(step - first[1], steps - first[1], base_lr, cfg.warmup))
         total = global_sum(sum(counts), env)
