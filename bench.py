@@ -27,9 +27,13 @@ import time
 import numpy as np
 import torch
 
+import evaluate
 import samples
 import train
+from apollo import Apollo
+from config import Config, model_config, setup
 from data import load_jsonl, make_world, write_jsonl
+from integrate import Tokenizer
 from sampling import sample_uniform
 
 MODES = ["video", "frame", "text"]  # what build asks every model
@@ -66,19 +70,19 @@ def load_run(ckpt, device="auto"):
     run_dir = os.path.dirname(os.path.abspath(ckpt))
     with open(os.path.join(run_dir, "config.json")) as f:
         saved = json.load(f)
-    known = {f.name for f in dataclasses.fields(train.Config)}
-    cfg = train.Config(**{k: v for k, v in saved.items() if k in known})
+    known = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in saved.items() if k in known})
     cfg = dataclasses.replace(cfg, device=device, out_dir=run_dir)
-    env = train.setup(cfg)
-    tok = train.Tokenizer.load(os.path.join(run_dir, "tokenizer.json"))
-    model = train.Apollo(train.model_config(cfg, tok.vocab_size))
+    env = setup(cfg)
+    tok = Tokenizer.load(os.path.join(run_dir, "tokenizer.json"))
+    model = Apollo(model_config(cfg, tok.vocab_size))
     model.load_state_dict(train.load_checkpoint(ckpt, cfg)["model"])
     return model.to(env["device"]), tok, cfg, env
 
 
 def ask(model, tok, cfg, env, items, mode):
     """The model's choice on each item in one mode: a list of 0-based options."""
-    return train.predict(model, ModeSamples(items, tok, cfg, model.tokens_per_clip, mode), cfg, env)
+    return evaluate.predict(model, ModeSamples(items, tok, cfg, model.tokens_per_clip, mode), cfg, env)
 
 
 def mc_items(jsonl):
@@ -102,16 +106,16 @@ def evaluate_modes(ckpt, jsonl=None, modes=EVAL_MODES, device="auto", log=print)
             if told is None:
                 log(f"caption: left out: not every video of {jsonl} has a caption")
                 continue
-            choices = train.predict(model, samples.Samples(told, tok, cfg, model.tokens_per_clip), cfg, env)
-        elif mode == "video":  # and whether the connector's tokens still tell the videos apart (train.spread_of)
+            choices = evaluate.predict(model, samples.Samples(told, tok, cfg, model.tokens_per_clip), cfg, env)
+        elif mode == "video":  # and whether the connector's tokens still tell the videos apart (evaluate.spread_of)
             asked = ModeSamples(items, tok, cfg, model.tokens_per_clip, mode)
-            choices = train.predict(model, asked, cfg, env)
-            out["visual_spread"] = train.spread_of(model, asked, env)
+            choices = evaluate.predict(model, asked, cfg, env)
+            out["visual_spread"] = evaluate.spread_of(model, asked, env)
         elif mode in MODES:
             choices = ask(model, tok, cfg, env, items, mode)
         else:
             raise SystemExit(f"error: unknown mode {mode!r}; choose from {EVAL_MODES}")
-        out[mode] = train.score(items, [c == ord(it["answer"]) - 65 for c, it in zip(choices, items)])
+        out[mode] = evaluate.score(items, [c == ord(it["answer"]) - 65 for c, it in zip(choices, items)])
     return out
 
 
@@ -288,7 +292,7 @@ def main(argv):
                 cats = " ".join(f"{k} {v:.3f}" for k, v in r["categories"].items())
                 print(f"{mode:>7}: {r['overall']:.3f} (chance {r['chance']:.2f}, n={r['n']}) | {cats}")
         if result.get("visual_spread"):
-            print(train.spread_text(result["visual_spread"]))
+            print(evaluate.spread_text(result["visual_spread"]))
         if "json" in opts:
             with open(opts["json"], "w") as f:
                 json.dump(result, f, indent=1)

@@ -6,13 +6,17 @@ schedules; the other fields name the paper's design choices (§4), each a knob `
     from config import config_from_args
     cfg = config_from_args(["--preset=cpu", "--sft_steps=600"])   # a Config; unknown keys name the close matches
 """
+import ctypes
 import dataclasses
 import difflib
+import os
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 
 from apollo import VISIONS, config_from_flat
+from data import cpu_count
 from integrate import INTEGRATIONS
 from resampler import RESAMPLERS
 
@@ -41,12 +45,12 @@ class Config:
     stage: str = "all"          # all, or one of lm, align, vision, sft
     resume: bool = False        # continue an interrupted stage from its last checkpoint
     seed: int = 0
-    # the world (data.py)
+    # the world (scene.py, questions.py, data.py)
     n_train: int = 600          # videos per split, each with a caption
     n_val: int = 60
     n_test: int = 120
     questions_per_video: int = 5  # val and test: the benchmark's questions per video
-    train_questions: int = 12   # a training video: up to this many, every question it supports (see data.py)
+    train_questions: int = 12   # a training video: up to this many, every question it supports (see questions.py)
     min_seconds: float = 3.0
     max_seconds: float = 20.0
     # sampling (sampling.py)
@@ -91,8 +95,8 @@ class Config:
     weight_decay: float = 0.05
     warmup: float = 0.03        # share of a stage's steps spent warming up
     grad_clip: float = 1.0
-    drills: int = 20000         # lm stage: short reading drills (data.reading_drills), in batches of their own
-    copy_drills: int = 0        # lm stage: copy drills (data.copy_drills), the induction that reading is built on
+    drills: int = 20000         # lm stage: short reading drills (questions.reading_drills), in batches of their own
+    copy_drills: int = 0        # lm stage: copy drills (questions.copy_drills), the induction that reading is built on
     copy_steps: int = 0         # lm stage: its first steps take copy drills only, before lm_steps of the whole mix
     copy_lr: float = 1e-3       # their constant rate (README "The copy warm-up": 10000, 800, 1e-3 and --lm_lr=1e-3)
     drill_share: float = 0.8    # share of lm steps that take a batch of drills (they are ~10x cheaper)
@@ -210,3 +214,52 @@ def pick_device(name):
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run's environment: the device, bf16 and compile choices, the processes of a torchrun
+
+
+def keep_freed_memory():
+    """Let glibc keep freed memory in the process. By default it hands every freed block of more than a few MiB
+    (most activations here) back to the OS, and the next step faults the same pages in again, zeroed by the kernel:
+    on a 2-core CPU the eager sft step ran 1.5x faster kept (README, Speed; PyTorch's CPU tuning guide suggests
+    jemalloc or tcmalloc for the same reason). Linux with glibc only; elsewhere nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    big = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # older glibc: 32 MiB
+    return bool(big and libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+
+
+def setup(cfg):
+    """The device, bf16 and compile choices, and the processes of a torchrun (RANK and WORLD_SIZE in the environment;
+    one process otherwise): env, handed to everything that trains."""
+    keep_freed_memory()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(cfg.device)
+    if device.type == "cuda":  # TF32 for the fp32 matmuls autocast leaves; without it Inductor skips fusing attention
+        torch.set_float32_matmul_precision("high")  # into Flash (its warning in the H200 run's log)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ConfigError(f"--batch_size={cfg.batch_size} must divide into {world} processes x --grad_accum="
+                          f"{cfg.grad_accum} micro-batches")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"
+                                          and torch.cuda.is_bf16_supported())
+    workers = cfg.workers if cfg.workers >= 0 else (min(12, cpu_count()) if device.type == "cuda" else 0)
+    env = {"device": device, "bf16": use_bf16, "rank": rank, "world": world, "main": rank == 0, "workers": workers,
+           "autocast": lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16),
+           "log": print if rank == 0 else (lambda *a, **k: None)}
+    env["compile"] = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
+    return env
+
+
+def barrier(env):
+    if env["world"] > 1:
+        dist.barrier()

@@ -16,9 +16,11 @@ import os
 import numpy as np
 import torch
 
-from data import WorldConfig, copy_drills, describe_span, load_jsonl, reading_drills, script_texts
+from data import load_jsonl
 from integrate import IGNORE, PAD, build_sample, format_mc, mc_answer, option_answers, video_tokens
+from questions import copy_drills, describe_span, reading_drills, script_texts
 from sampling import VideoError, sample_clips
+from scene import WorldConfig
 
 
 class TrainingError(RuntimeError):
@@ -27,7 +29,7 @@ class TrainingError(RuntimeError):
 
 
 def world_config(cfg, **changes):
-    """The synthetic world (data.WorldConfig) a run's config asks for, with changes (bench.py: a fresh pool)."""
+    """The synthetic world (scene.WorldConfig) a run's config asks for, with changes (bench.py: a fresh pool)."""
     return WorldConfig(**{**dict(seed=cfg.seed, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
                                  questions_per_video=cfg.questions_per_video,
                                  train_questions=cfg.train_questions, min_seconds=cfg.min_seconds,
@@ -146,6 +148,10 @@ def collate(batch):
     return {"ids": ids, "labels": labels, "frames": torch.cat(frames) if frames else None,
             "videos": [(b["video"], len(b["frames"])) for b in batch if b["frames"] is not None],
             "lengths": torch.tensor([len(b["ids"]) for b in batch]), "option_ids": [b["option_ids"] for b in batch]}
+
+
+def to_device(batch, device):
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def batches(pools, batch_size, seed, start_step, shares, first=(0, 0)):

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import train
 from apollo import Apollo
+from config import ConfigError, config_from_args, model_config, setup
 from data import write_mp4
 from integrate import IGNORE, PAD, VIDEO
 from layers import attention, causal_mask
@@ -152,7 +152,7 @@ def bench_step(cfg, device, env):
     rows, flops = [], None
     for mode in ("eager", "compiled"):
         torch.manual_seed(0)
-        model = Apollo(train.model_config(cfg, cfg.vocab_size)).to(device)
+        model = Apollo(model_config(cfg, cfg.vocab_size)).to(device)
         if mode == "compiled":
             for part in (*model.encoders(), model.resampler, model.lm):
                 part.compile()
@@ -269,8 +269,8 @@ def main(argv):
     opts = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
     only = opts.pop("only", "attention,step,decode").split(",")
     out = opts.pop("json", "")
-    cfg = train.config_from_args([f"--{k}={v}" for k, v in opts.items()])
-    env = train.setup(cfg)
+    cfg = config_from_args([f"--{k}={v}" for k, v in opts.items()])
+    env = setup(cfg)
     device = env["device"]
     dtype = torch.bfloat16 if env["bf16"] else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
@@ -294,5 +294,5 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except train.ConfigError as e:
+    except ConfigError as e:
         sys.exit(f"error: {e}")

@@ -25,7 +25,7 @@ import sys
 
 import numpy as np
 
-from data import CATEGORIES
+from questions import CATEGORIES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -96,8 +96,8 @@ def lm_key(args):
     return "-".join(a.split("=")[0][5:] + a.split("=")[1] for a in args if a.startswith(LM_ARGS)) or "default"
 
 
-SOURCES = ["data.py", "sampling.py", "encoders.py", "resampler.py", "integrate.py", "layers.py", "apollo.py",
-           "samples.py", "config.py", "train.py"]
+SOURCES = ["scene.py", "questions.py", "data.py", "sampling.py", "encoders.py", "resampler.py", "integrate.py",
+           "layers.py", "apollo.py", "samples.py", "config.py", "evaluate.py", "train.py"]
 
 
 def code_version(root=HERE):

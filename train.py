@@ -24,8 +24,6 @@ Each run writes into out_dir: config.json, metrics.jsonl, tokenizer.json, one ch
 Every field of a run, the presets and the command line are in config.py.
 """
 import contextlib
-import ctypes
-import dataclasses
 import inspect
 import json
 import math
@@ -39,14 +37,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from apollo import Apollo, answer_mc, visual_spread
-from config import (PRESETS, SCHEDULES, STAGES, Config, ConfigError, config_from_args, model_config, pick_device,
+from apollo import Apollo
+from config import (PRESETS, SCHEDULES, STAGES, Config, ConfigError, barrier, config_from_args, model_config, setup,
                     stage_steps)
-from data import CATEGORIES, DataError, cpu_count, make_world
+from data import DataError, make_world
 from encoders import Pretraining
+from evaluate import spread_of, spread_text, summary, test_scores
 from integrate import IGNORE, PAD, Tokenizer, format_mc, mc_answer
-from samples import (Samples, TrainingError, batches, by_length, collate, described_items, mc_item, split_rows,
-                     stage_items, turns_of, world_config)
+from samples import (Samples, TrainingError, batches, by_length, collate, split_rows, stage_items, to_device, turns_of,
+                     world_config)
 from sampling import VideoError
 
 
@@ -75,10 +74,6 @@ def lr_at(step, steps, base, warmup):
     if step < w:
         return base * (step + 1) / w
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w))))
-
-
-def to_device(batch, device):
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def shard(order, rank, world, grad_accum):
@@ -255,61 +250,6 @@ def pretrain_encoders(model, world, tok, cfg, env, cache):
     return result
 
 
-@torch.no_grad()
-def predict(model, dataset, cfg, env):
-    """The model's choice (0-based option) on each multiple-choice item of dataset."""
-    model.eval()
-    choices = []
-    for lo in range(0, len(dataset), cfg.eval_batch_size):
-        batch = to_device(collate([dataset[i] for i in range(lo, min(lo + cfg.eval_batch_size, len(dataset)))]),
-                          env["device"])
-        with env["autocast"]():
-            choices += answer_mc(model, batch["ids"], batch["lengths"], batch["frames"], batch["option_ids"]).tolist()
-    model.train()
-    return choices
-
-
-def score(items, right):
-    """Accuracy overall and per category (items' "category"; right: one bool per item): the headline leaves the
-    shortcut questions out, "with_shortcuts" counts them all."""
-    def part(keep):
-        rows = [(it["category"], r) for it, r in zip(items, right) if keep(it)]
-        cats = sorted({c for c, _ in rows}, key=lambda c: CATEGORIES.index(c) if c in CATEGORIES else 99)
-        return {"overall": round(float(np.mean([r for _, r in rows])), 4) if rows else None,
-                "categories": {c: round(float(np.mean([r for k, r in rows if k == c])), 4) for c in cats},
-                "n": len(rows), "chance": round(float(np.mean([1 / it["n_options"] for it in items])), 4)}
-
-    result = part(lambda it: not it.get("shortcut"))
-    result["with_shortcuts"] = part(lambda it: True)
-    return result
-
-
-def evaluate(model, dataset, cfg, env):
-    """Accuracy of the model's letter choices on multiple-choice items, overall and per category."""
-    choices = predict(model, dataset, cfg, env)
-    return score(dataset.items, [c == ord(it["answer"]) - 65 for c, it in zip(choices, dataset.items)])
-
-
-def spread_of(model, dataset, env, n=64):
-    """apollo.visual_spread over the first clip of (up to) n of dataset's videos, in its cache after warm: whether the
-    connector's tokens still tell one video from another (a collapsed connector's rank is near 1)."""
-    used = {it.get("video") for it in dataset.items}
-    paths = sorted(p for p, v in dataset.frames.items() if p in used and isinstance(v, tuple))[:n]
-    if len(paths) < 2:
-        return None
-    model.eval()
-    with env["autocast"]():
-        spread = visual_spread(model, torch.stack([dataset.frames[p][0][0] for p in paths]).to(env["device"]))
-    model.train()
-    return spread
-
-
-def spread_text(spread):
-    """spread_of's result as the line train.py logs after a connector stage and bench.py eval prints."""
-    return (f"visual tokens: effective rank {spread['tokens']} across {spread['videos']} videos "
-            f"(projected grids: {spread['grid']})")
-
-
 LM_KEYS = ["lm_dim", "lm_layers", "lm_heads", "vocab_size"]
 
 
@@ -351,51 +291,6 @@ def load_checkpoint(path, cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def keep_freed_memory():
-    """Let glibc keep freed memory in the process. By default it hands every freed block of more than a few MiB
-    (most activations here) back to the OS, and the next step faults the same pages in again, zeroed by the kernel:
-    on a 2-core CPU the eager sft step ran 1.5x faster kept (README, Speed; PyTorch's CPU tuning guide suggests
-    jemalloc or tcmalloc for the same reason). Linux with glibc only; elsewhere nothing."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
-    big = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # older glibc: 32 MiB
-    return bool(big and libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
-
-
-def setup(cfg):
-    """The device, bf16 and compile choices, and the processes of a torchrun (RANK and WORLD_SIZE in the environment;
-    one process otherwise): env, handed to everything that trains."""
-    keep_freed_memory()
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(cfg.device)
-    if device.type == "cuda":  # TF32 for the fp32 matmuls autocast leaves; without it Inductor skips fusing attention
-        torch.set_float32_matmul_precision("high")  # into Flash (its warning in the H200 run's log)
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise ConfigError(f"--batch_size={cfg.batch_size} must divide into {world} processes x --grad_accum="
-                          f"{cfg.grad_accum} micro-batches")
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"
-                                          and torch.cuda.is_bf16_supported())
-    workers = cfg.workers if cfg.workers >= 0 else (min(12, cpu_count()) if device.type == "cuda" else 0)
-    env = {"device": device, "bf16": use_bf16, "rank": rank, "world": world, "main": rank == 0, "workers": workers,
-           "autocast": lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16),
-           "log": print if rank == 0 else (lambda *a, **k: None)}
-    env["compile"] = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
-    return env
-
-
-def barrier(env):
-    if env["world"] > 1:
-        dist.barrier()
 
 
 def get_tokenizer(cfg, world):
@@ -485,35 +380,11 @@ def run(cfg, env):
         train_stage(model, stage, Samples(items, tok, cfg, model.tokens_per_clip, cache), cfg, env)
     if not env["main"]:
         return None
-    test = [dict(mc_item(q, world), eval=True) for q in split_rows(world, "test")[0]]
-    if not test:
-        raise DataError(f"{world}/test.jsonl: no multiple-choice questions to score (the file is missing or holds "
-                        "none)")
-    test_cfg = dataclasses.replace(cfg, sampling=cfg.eval_sampling or cfg.sampling)
-    test = Samples(test, tok, test_cfg, model.tokens_per_clip)
-    skipped = test.warm(env["workers"], cfg.max_bad_share, env["log"])
-    result = dict(evaluate(model, test, cfg, env), skipped_videos=skipped, visual_spread=spread_of(model, test, env))
-
-    def asked(items):  # the headline's accuracy on another form of the same questions
-        r = evaluate(model, Samples(items, tok, cfg, model.tokens_per_clip), cfg, env)
-        return {"overall": r["overall"], "categories": r["categories"]}
-    # without the video (no visual tokens): what the model answers from the text and its priors alone; the gap
-    # to "overall" is what watching the video adds
-    result["without_video"] = asked([dict(it, video=None) for it in test.items])
-    # with the video's caption, as text, in its place: perfect perception, so what the LM makes of what it sees;
-    # the gap to "overall" is what the vision side loses (where every test video has a caption, as in our world)
-    told = described_items(test.items, world)
-    if told:
-        result["with_caption"] = asked(told)
+    result = test_scores(model, world, tok, cfg, env)
     result["minutes"] = round((time.perf_counter() - t_start) / 60, 2)
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)
-    cats = " ".join(f"{k} {v:.3f}" for k, v in result["categories"].items())
-    print(f"test accuracy {result['overall']:.3f} (chance {result['chance']:.2f}, n={result['n']}; "
-          f"{result['with_shortcuts']['overall']:.3f} with shortcuts; "
-          f"{result['without_video']['overall']:.3f} without the video"
-          + (f"; {result['with_caption']['overall']:.3f} with the caption instead" if told else "") + ") | "
-          f"{cats} | {result['minutes']} min")
+    print(summary(result))
     return result
 
 

@@ -6,7 +6,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data import WorldConfig, make_world  # noqa: E402
+from data import make_world  # noqa: E402
+from scene import WorldConfig  # noqa: E402
 
 
 @pytest.fixture(scope="session")

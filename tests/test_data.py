@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 import data
-from data import COLORS, DataError, WorldConfig, load_jsonl, make_world
+from data import DataError, load_jsonl, make_world
+from questions import (ABSURD, CATEGORIES, COUNTS, RELATIONS, caption, copy_drills, describe_span, pick_questions,
+                       reading_drills, script_texts)
 from sampling import sample_uniform
+from scene import COLORS, DIRECTIONS, WorldConfig, color_at, make_scene, position_at
 
 
 def read(path):
@@ -77,12 +80,12 @@ def expected_answer(q, scene):
     if t.startswith("relation"):
         a, b = by_shape[words[-5]], by_shape[words[-1]]
         when = D if t == "relation_end" else next(g["start"] for g in glyphs if g["char"] == words[2])
-        (ax, ay), (bx, by) = data.position_at(a, when, D, size), data.position_at(b, when, D, size)
+        (ax, ay), (bx, by) = position_at(a, when, D, size), position_at(b, when, D, size)
         if abs(ax - bx) > abs(ay - by):
             return "right of" if ax > bx else "left of"
         return "below" if ay > by else "above"
     if t == "highest_end":
-        return min(objs, key=lambda o: data.position_at(o, D, D, size)[1])["shape"]
+        return min(objs, key=lambda o: position_at(o, D, D, size)[1])["shape"]
     if t in ("color", "color_start"):
         return by_shape[words[-1] if t == "color" else words[-4]]["color"]
     if t == "color_end":
@@ -107,9 +110,9 @@ def test_every_answer_agrees_with_the_scene_script(tmp_path):
     rng = np.random.default_rng(0)
     seen = Counter()
     for i in range(150):
-        scene = data.make_scene(rng, cfg, f"v{i}")
-        for q in data.pick_questions(scene, rng, cfg, cfg.train_questions):
-            assert q["category"] in data.CATEGORIES and len(q["options"]) == 4 == len(set(q["options"]))
+        scene = make_scene(rng, cfg, f"v{i}")
+        for q in pick_questions(scene, rng, cfg, cfg.train_questions):
+            assert q["category"] in CATEGORIES and len(q["options"]) == 4 == len(set(q["options"]))
             answer = q["options"]["ABCD".index(q["answer"])]
             assert answer == expected_answer(q, scene), (q, scene)
             seen[q["template"]] += 1
@@ -122,18 +125,18 @@ def test_answer_letters_balanced_and_shortcuts_marked():
     rng = np.random.default_rng(1)
     qs = []
     while len(qs) < 1000:
-        qs += data.pick_questions(data.make_scene(rng, cfg, "v"), rng, cfg, cfg.questions_per_video)
+        qs += pick_questions(make_scene(rng, cfg, "v"), rng, cfg, cfg.questions_per_video)
     qs = qs[:1000]
     letters = Counter(q["answer"] for q in qs)
     assert all(0.20 <= letters[k] / 1000 <= 0.30 for k in "ABCD"), letters
     cats = Counter(q["category"] for q in qs)
-    assert set(cats) == set(data.CATEGORIES)
+    assert set(cats) == set(CATEGORIES)
     kinds = Counter(q["shortcut"] for q in qs)
     assert kinds["text"] > 50 and kinds["frame"] > 20 and kinds[None] > 600, kinds
     for q in qs:
         if q["shortcut"] == "text":  # only the answer is of the right kind: the text alone gives it away
             answer = q["options"]["ABCD".index(q["answer"])]
-            assert [o for o in q["options"] if o not in data.ABSURD] == [answer]
+            assert [o for o in q["options"] if o not in ABSURD] == [answer]
 
 
 def test_frames_show_what_the_script_says(tiny_world):
@@ -148,12 +151,12 @@ def test_frames_show_what_the_script_says(tiny_world):
                        for g in scene["glyphs"] if g["start"] <= t < g["end"]]
             visible = [o for o in scene["objects"] if o["appear"] <= t]
             for k, obj in enumerate(visible):
-                x, y = data.position_at(obj, t, scene["duration"], scene["size"]).round().astype(int)
-                others = [data.position_at(o, t, scene["duration"], scene["size"]) for o in visible[k + 1:]]
+                x, y = position_at(obj, t, scene["duration"], scene["size"]).round().astype(int)
+                others = [position_at(o, t, scene["duration"], scene["size"]) for o in visible[k + 1:]]
                 if any(np.hypot(*(p - (x, y))) < 16 for p in others) or any(
                         x0 - 2 <= x <= x1 + 2 and y0 - 2 <= y <= y1 + 2 for x0, y0, x1, y1 in covered):
                     continue  # drawn over by another object or a glyph
-                colour = COLORS[data.color_at(obj, t)]
+                colour = COLORS[color_at(obj, t)]
                 assert np.abs(img[y, x].astype(int) - colour).max() < 60, (name, t, obj["shape"], img[y, x], colour)
                 checked += 1
     assert checked >= 20
@@ -183,12 +186,12 @@ def test_option_order_does_not_give_the_answer_away():
     not keep the kind's own order, or the answer is the one option out of place (a leak the models found:
     egocentric 0.70 with no video at all, chance after the fix)."""
     cfg, rng = WorldConfig(seed=5), np.random.default_rng(2)
-    pools = {"camera_direction": list(data.DIRECTIONS), "camera_first": list(data.DIRECTIONS),
-             "camera_end": list(data.DIRECTIONS), "relation_end": data.RELATIONS, "relation_glyph": data.RELATIONS,
-             "bounces": data.COUNTS[:4]}
+    pools = {"camera_direction": list(DIRECTIONS), "camera_first": list(DIRECTIONS),
+             "camera_end": list(DIRECTIONS), "relation_end": RELATIONS, "relation_glyph": RELATIONS,
+             "bounces": COUNTS[:4]}
     in_order, total = Counter(), Counter()
     while sum(total.values()) < 800:
-        for q in data.pick_questions(data.make_scene(rng, cfg, "v"), rng, cfg, cfg.questions_per_video):
+        for q in pick_questions(make_scene(rng, cfg, "v"), rng, cfg, cfg.questions_per_video):
             if q["template"] in pools and not q["shortcut"]:
                 rest = [o for k, o in enumerate(q["options"]) if k != ord(q["answer"]) - 65]
                 in_order[q["template"]] += rest == [p for p in pools[q["template"]] if p in rest]
@@ -199,7 +202,7 @@ def test_option_order_does_not_give_the_answer_away():
 
 
 def test_copy_drills_repeat_a_run_found_by_content_at_varying_distances():
-    drills = data.copy_drills(np.random.default_rng(0), 300)
+    drills = copy_drills(np.random.default_rng(0), 300)
     distances = set()
     for prompt, answer in drills:
         words, run = prompt.split(), answer.split()
@@ -210,7 +213,7 @@ def test_copy_drills_repeat_a_run_found_by_content_at_varying_distances():
 
 
 def test_reading_drills_answer_is_the_named_option_or_the_described_fact():
-    drills = data.reading_drills(np.random.default_rng(0), 600)
+    drills = reading_drills(np.random.default_rng(0), 600)
     kinds = Counter(q["template"] for q in drills)
     assert set(kinds) == {"which_option", "lookup_color", "lookup_bounces", "lookup_char"} and min(kinds.values()) > 60
     for q in drills:
@@ -236,10 +239,10 @@ def test_reading_drills_answer_is_the_named_option_or_the_described_fact():
 
 def test_script_texts_are_repeatable_and_not_the_test_scenes():
     cfg = WorldConfig(seed=3, n_train=4, n_val=0, n_test=4, max_seconds=6.0)
-    texts = data.script_texts(cfg, 30, seed=3)
-    assert texts == data.script_texts(cfg, 30, seed=3) and texts != data.script_texts(cfg, 30, seed=4)
-    assert all(caption and qs for caption, qs in texts) and len({c for c, _ in texts}) == 30
-    test = [data.caption(data.make_scene(np.random.default_rng([3, 2, i]), cfg, "t")) for i in range(4)]
+    texts = script_texts(cfg, 30, seed=3)
+    assert texts == script_texts(cfg, 30, seed=3) and texts != script_texts(cfg, 30, seed=4)
+    assert all(c and qs for c, qs in texts) and len({c for c, _ in texts}) == 30
+    test = [caption(make_scene(np.random.default_rng([3, 2, i]), cfg, "t")) for i in range(4)]
     assert not set(test) & {c for c, _ in texts}
 
 
@@ -250,9 +253,9 @@ def test_describe_span_says_what_the_script_shows():
                           "vx": 10.0, "vy": 0.0, "stop": None, "color_change": None},
                          {"shape": "square", "color": "red", "radius": 5, "appear": 3.0, "x0": 50.0, "y0": 55.0,
                           "vx": 0.0, "vy": 0.0, "stop": None, "color_change": None}]}
-    assert data.describe_span(scene, 0.5, 0.5) == "blue circle top left."
-    assert data.describe_span(scene, 0.0, 2.0) == "blue circle top left moving right. camera pans up. character 7."
-    assert data.describe_span(scene, 3.0, 3.5) == ("blue circle top centre moving right. red square bottom right. "
+    assert describe_span(scene, 0.5, 0.5) == "blue circle top left."
+    assert describe_span(scene, 0.0, 2.0) == "blue circle top left moving right. camera pans up. character 7."
+    assert describe_span(scene, 3.0, 3.5) == ("blue circle top centre moving right. red square bottom right. "
                                                  "camera pans up.")
 
 

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import samples
 import train
+from config import ConfigError, config_from_args
 from data import load_jsonl, write_mp4
+from questions import CATEGORIES
 from samples import Samples
-from train import ConfigError, config_from_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +34,7 @@ def test_smoke_preset_runs_the_whole_pipeline_in_under_a_minute(tmp_path):
     assert time.time() - start < 60
     result = json.loads((out / "eval.json").read_text())
     assert set(result) >= {"overall", "categories", "n", "chance", "with_shortcuts", "without_video", "with_caption"}
-    assert set(result["categories"]) <= set(train.CATEGORIES) and result["chance"] == 0.25
+    assert set(result["categories"]) <= set(CATEGORIES) and result["chance"] == 0.25
     assert set(result["without_video"]["categories"]) == set(result["categories"])
     assert set(result["with_caption"]["categories"]) == set(result["categories"])  # the caption read in its place
     assert 0 <= result["overall"] <= 1 and result["n"] < result["with_shortcuts"]["n"]
@@ -82,7 +84,7 @@ def small_setup(tiny_world, tmp_path, *args):
     cfg = config_from_args(["--preset=smoke", f"--out_dir={tmp_path}", *args])
     os.makedirs(cfg.out_dir, exist_ok=True)
     tok = train.get_tokenizer(cfg, world)
-    return world, cfg, tok, train.setup(cfg)
+    return world, cfg, tok, config.setup(cfg)
 
 
 class Crashing(Samples):
@@ -509,7 +511,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
 
 
 def test_freed_memory_stays_in_the_process_under_glibc():
-    """train.setup asks glibc to keep freed blocks (no page faults on every step's activations); elsewhere it is a
+    """config.setup asks glibc to keep freed blocks (no page faults on every step's activations); elsewhere it is a
     no-op that says so."""
     import platform
-    assert train.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+    assert config.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
