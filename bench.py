@@ -276,11 +276,21 @@ def report_text(rep):
     return "\n".join(lines)
 
 
+OPTIONS = {"eval": ["ckpt", "jsonl", "modes", "device", "json"],
+           "build": ["zoo", "stages", "out", "pool_seed", "pool_videos", "device", "text_max", "frame_max", "easy_max",
+                     "top"]}
+
+
 def main(argv):
     if not argv or argv[0] not in ("eval", "build"):
         print(__doc__)
         return None
-    opts = dict(a[2:].partition("=")[::2] for a in argv[1:] if a.startswith("--"))
+    known = OPTIONS[argv[0]]
+    for a in argv[1:]:  # a mistyped option is an error, not a default silently used
+        key = a[2:].partition("=")[0] if a.startswith("--") else ""
+        if key not in known:
+            raise SystemExit(f"error: bench.py {argv[0]}: unknown option {a!r}; it takes --" + ", --".join(known))
+    opts = dict(a[2:].partition("=")[::2] for a in argv[1:])
     if argv[0] == "eval":
         if "ckpt" not in opts:
             raise SystemExit("error: bench.py eval needs --ckpt=PATH (a run's sft.pt)")

@@ -120,3 +120,11 @@ def test_build_writes_a_benchmark_from_a_zoo(tmp_path):
     rows = load_jsonl(str(out / "bench.jsonl"))
     assert len(rows) == rep["bench_questions"] and all((out / r["video"]).exists() for r in rows)
     json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in report.json"))
+
+
+def test_an_unknown_option_is_named():
+    """A mistyped option stops bench.py with its name, where it was once ignored and the default used."""
+    with pytest.raises(SystemExit, match="unknown option '--out=x'; it takes --ckpt"):
+        bench.main(["eval", "--ckpt=a/sft.pt", "--out=x"])
+    with pytest.raises(SystemExit, match="unknown option 'extra'"):
+        bench.main(["build", "--zoo=z", "extra"])
