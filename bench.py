@@ -3,6 +3,7 @@ ApolloBench in miniature (Apollo §2): evaluate a model three ways, and build a 
 
     python bench.py eval --ckpt=out/sft.pt         # our test split: video, centre frame, text only, caption as text
     python bench.py eval --ckpt=out/sft.pt --jsonl=my/test.jsonl --modes=video,text   # a user's multiple choice
+    python bench.py eval --ckpt=out/lm.pt --modes=writing   # the loss of the test captions: can it write them?
     python bench.py build --zoo=results/runs --pool_videos=300 --top=30
 
 `build` asks every model of a zoo (each folder under --zoo holding a trained sft.pt) every question of a fresh
@@ -33,7 +34,7 @@ import train
 from apollo import Apollo
 from config import Config, model_config, setup
 from data import load_jsonl, make_world, write_jsonl
-from integrate import Tokenizer
+from integrate import IGNORE, Tokenizer
 from sampling import sample_uniform
 
 MODES = ["video", "frame", "text"]  # what build asks every model
@@ -100,6 +101,13 @@ def evaluate_modes(ckpt, jsonl=None, modes=EVAL_MODES, device="auto", log=print)
     items = mc_items(jsonl)
     out = {"ckpt": ckpt, "jsonl": jsonl}
     for mode in modes:
+        if mode == "writing":  # not a multiple-choice score: how well the model writes the split's captions
+            root, split = os.path.split(os.path.splitext(os.path.abspath(jsonl))[0])
+            out[mode] = writing(model, tok, cfg, env, root, split)
+            if out[mode] is None:
+                log(f"writing: left out: {jsonl} has no captions beside it")
+                del out[mode]
+            continue
         if mode == "caption":
             told = samples.described_items(items, os.path.dirname(os.path.abspath(jsonl)),
                                          os.path.splitext(os.path.basename(jsonl))[0])
@@ -114,8 +122,33 @@ def evaluate_modes(ckpt, jsonl=None, modes=EVAL_MODES, device="auto", log=print)
         elif mode in MODES:
             choices = ask(model, tok, cfg, env, items, mode)
         else:
-            raise SystemExit(f"error: unknown mode {mode!r}; choose from {EVAL_MODES}")
+            raise SystemExit(f"error: unknown mode {mode!r}; choose from {EVAL_MODES + ['writing']}")
         out[mode] = evaluate.score(items, [c == ord(it["answer"]) - 65 for c, it in zip(choices, items)])
+    return out
+
+
+def writing(model, tok, cfg, env, root, split):
+    """How well the model writes a split's captions, which is all that align and vision train on: the mean loss per
+    caption token given the video, given the same prompt without it, and as plain text with no prompt (the way
+    stage lm writes them). An LM that cannot write captions leaves align nothing to align to. None where the
+    split has no captions."""
+    items = [samples.caption_item(c, root) for c in samples.split_rows(root, split)[1] if samples.turns_of(c)]
+    if not items:
+        return None
+    forms = {"with_video": items, "without_video": [dict(it, video=None) for it in items],
+             "plain_text": [{"turns": [("", it["turns"][0][1])]} for it in items]}
+    out = {"n": len(items)}
+    model.eval()
+    for name, its in forms.items():
+        data, total, count = samples.Samples(its, tok, cfg, model.tokens_per_clip), 0.0, 0
+        for lo in range(0, len(data), cfg.eval_batch_size):
+            batch = samples.collate([data[i] for i in range(lo, min(lo + cfg.eval_batch_size, len(data)))])
+            batch = samples.to_device(batch, env["device"])
+            with env["autocast"]():
+                _, loss = model(batch["ids"], batch["frames"], batch["labels"])
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())  # the loss is a mean over these targets
+            total, count = total + loss.float().item() * n, count + n
+        out[name] = round(total / count, 4)
     return out
 
 
@@ -301,6 +334,10 @@ def main(argv):
                 r = result[mode]
                 cats = " ".join(f"{k} {v:.3f}" for k, v in r["categories"].items())
                 print(f"{mode:>7}: {r['overall']:.3f} (chance {r['chance']:.2f}, n={r['n']}) | {cats}")
+        if "writing" in result:
+            w = result["writing"]
+            print(f"writing: caption loss per token {w['with_video']:.3f} with the video, {w['without_video']:.3f} "
+                  f"without it, {w['plain_text']:.3f} as plain text (n={w['n']} captions)")
         if result.get("visual_spread"):
             print(evaluate.spread_text(result["visual_spread"]))
         if "json" in opts:

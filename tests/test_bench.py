@@ -90,6 +90,13 @@ def test_a_model_asked_in_each_mode(tmp_path, tiny_world):
     notes = []
     result = bench.evaluate_modes(str(out / "sft.pt"), str(lone), ["caption", "text"], "cpu", log=notes.append)
     assert "caption" not in result and "text" in result and "lone.jsonl" in notes[0]
+    # writing: the loss of the split's captions, given the video, the prompt alone, and as plain text
+    wrote = bench.evaluate_modes(str(out / "sft.pt"), f"{world}/test.jsonl", ["writing"], "cpu")["writing"]
+    assert wrote["n"] == len(load_jsonl(f"{world}/captions_test.jsonl"))
+    assert all(0 < wrote[k] < 20 for k in ("with_video", "without_video", "plain_text"))
+    assert wrote["with_video"] != wrote["without_video"]  # the visual tokens are there, and change what it predicts
+    assert "writing" not in bench.evaluate_modes(str(out / "sft.pt"), str(lone), ["writing"], "cpu", log=notes.append)
+    assert notes[-1].startswith("writing: left out")
     # asking the trained model about one video from the command line (apollo.py)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     video = items[0]["video"]
