@@ -100,17 +100,17 @@ def evaluate_modes(ckpt, jsonl=None, modes=EVAL_MODES, device="auto", log=print)
         jsonl = os.path.join(make_world(samples.world_config(cfg), cfg.data_dir, log=lambda *a: None), "test.jsonl")
     items = mc_items(jsonl)
     out = {"ckpt": ckpt, "jsonl": jsonl}
+    root, split = os.path.split(os.path.splitext(os.path.abspath(jsonl))[0])  # captions_{split}.jsonl beside it
     for mode in modes:
         if mode == "writing":  # not a multiple-choice score: how well the model writes the split's captions
-            root, split = os.path.split(os.path.splitext(os.path.abspath(jsonl))[0])
-            out[mode] = writing(model, tok, cfg, env, root, split)
-            if out[mode] is None:
+            wrote = writing(model, tok, cfg, env, root, split)
+            if wrote is None:
                 log(f"writing: left out: {jsonl} has no captions beside it")
-                del out[mode]
+            else:
+                out[mode] = wrote
             continue
         if mode == "caption":
-            told = samples.described_items(items, os.path.dirname(os.path.abspath(jsonl)),
-                                         os.path.splitext(os.path.basename(jsonl))[0])
+            told = samples.described_items(items, root, split)
             if told is None:
                 log(f"caption: left out: not every video of {jsonl} has a caption")
                 continue
