@@ -10,6 +10,7 @@ import ctypes
 import dataclasses
 import difflib
 import os
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -113,6 +114,8 @@ class Config:
     log_every: int = 10
     ckpt_every: int = 100
     ckpt_minutes: float = 0.0   # also write <stage>_last.pt once this many minutes pass since the last (0: off)
+    max_minutes: float = 0.0    # the run's time budget (0: none): once spent, the stage in progress stops (saving
+                                # <stage>_last.pt, which --resume continues), the rest are skipped, the test is scored
     compile: str = "auto"       # auto (on for CUDA only) | true | false
     dtype: str = "auto"         # auto (bf16 on CUDA if supported) | float32 | bfloat16
 
@@ -257,6 +260,8 @@ def setup(cfg):
            "autocast": lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16),
            "log": print if rank == 0 else (lambda *a, **k: None)}
     env["compile"] = cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda")
+    env["deadline"] = time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else None  # --max_minutes
+    env["stopped"] = None  # where the time budget stopped the run, if it did
     return env
 
 

@@ -73,7 +73,7 @@ def spread_text(spread):
             f"(projected grids: {spread['grid']})")
 
 
-def test_scores(model, world, tok, cfg, env):
+def score_test_split(model, world, tok, cfg, env):
     """The test split of world scored three ways: with the video (the headline), without it, with the caption."""
     test = [dict(mc_item(q, world), eval=True) for q in split_rows(world, "test")[0]]
     if not test:
@@ -99,7 +99,7 @@ def test_scores(model, world, tok, cfg, env):
 
 
 def summary(result):
-    """test_scores' result (with the run's minutes) as the line train.py prints last."""
+    """score_test_split's result (with the run's minutes) as the line train.py prints last."""
     cats = " ".join(f"{k} {v:.3f}" for k, v in result["categories"].items())
     told = f"; {result['with_caption']['overall']:.3f} with the caption instead" if "with_caption" in result else ""
     return (f"test accuracy {result['overall']:.3f} (chance {result['chance']:.2f}, n={result['n']}; "

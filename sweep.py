@@ -13,7 +13,9 @@ was cut off (train.py reuses finished stages and continues the interrupted one).
 (any of SOURCES changed since, in more than comments and docstrings) is trained again, so a component you
 swapped is what the study measures. The text-only stage lm does not depend on the vision side, so each seed
 trains it once per LM size and every variant starts from it (--lm_from), the way the paper's variants all
-start from one pretrained Qwen.
+start from one pretrained Qwen. Likewise the stage encoders depends only on the encoders' own flags: each seed
+pretrains them once per such setting, at the preset's sampling, and every variant that shares the setting starts
+from that encoders.pt, the way the paper's variants all start from one SigLIP and one InternVideo2.
 """
 import ast
 import hashlib
@@ -89,11 +91,18 @@ STUDIES["scaling"] = {
     "paper": {},
 }
 LM_ARGS = ("--lm_dim", "--lm_layers", "--lm_heads", "--vocab_size")
+ENCODER_ARGS = ("--vision", "--image_size", "--patch_size", "--vit_", "--encoders_", "--contrastive_loss",
+                "--video_objective", "--frames_per_clip")  # what the stage encoders' result depends on
+
+
+def flags_key(args, prefixes):
+    """The flags of args that start with one of prefixes, as a folder name ("default" when none)."""
+    return "-".join(a[2:].replace("=", "") for a in args if a.startswith(prefixes)) or "default"
 
 
 def lm_key(args):
     """The flags that shape the LM (and so the stage lm run a variant can share)."""
-    return "-".join(a.split("=")[0][5:] + a.split("=")[1] for a in args if a.startswith(LM_ARGS)) or "default"
+    return flags_key(args, LM_ARGS)
 
 
 SOURCES = ["scene.py", "questions.py", "data.py", "sampling.py", "encoders.py", "resampler.py", "integrate.py",
@@ -119,19 +128,23 @@ def code_version(root=HERE):
     return digest.hexdigest()[:12]
 
 
-def train(args, out, log):
-    """One train.py run into out (skipped when its eval.json is there and the code is the same); returns its
-    eval.json. A folder made by other code is moved to OUT.old (replacing an older one) and the run starts over."""
+def train(args, out, log, done="eval.json", start_from=None):
+    """One train.py run into out (skipped when its file done is there and the code is the same); returns its
+    eval.json. A folder made by other code is moved to OUT.old (replacing an older one) and the run starts over.
+    start_from: a shared run's folder whose encoders.pt (and retrieval.json) a new run starts with."""
     stamp, version = os.path.join(out, "code_version.txt"), code_version()
     made_by = open(stamp).read() if os.path.exists(stamp) else None
     if os.path.exists(out) and made_by != version:
         log(f"{out} was made by other code: moved to {out}.old, training again")
         shutil.rmtree(out + ".old", ignore_errors=True)
         os.replace(out, out + ".old")
-    if not os.path.exists(os.path.join(out, "eval.json")):
+    if not os.path.exists(os.path.join(out, done)):
         os.makedirs(out, exist_ok=True)
         with open(stamp, "w") as f:
             f.write(version)
+        for name in ("encoders.pt", "retrieval.json") if start_from else ():
+            if os.path.exists(os.path.join(start_from, name)) and not os.path.exists(os.path.join(out, name)):
+                shutil.copy(os.path.join(start_from, name), os.path.join(out, name))
         with open(os.path.join(out, "log.txt"), "a") as f:
             run = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *args, f"--out_dir={out}",
                                   "--resume"], stdout=f, stderr=subprocess.STDOUT, cwd=HERE)
@@ -150,10 +163,19 @@ def run_study(name, seeds=3, preset="study", root="results", log=print):
     for variant, args in study["variants"].items():
         for seed in range(seeds):
             common = [f"--preset={preset}", f"--seed={seed}", f"--data_dir={os.path.join(root, 'data')}"]
+            lm_args = [a for a in args if a.startswith(LM_ARGS)]
             lm_dir = os.path.join(root, "runs", "lm", f"{preset}-{lm_key(args)}-s{seed}")
-            train([*common, *[a for a in args if a.startswith(LM_ARGS)], "--stage=lm"], lm_dir, log)  # or reuse
+            train([*common, *lm_args, "--stage=lm"], lm_dir, log)  # or reuse
+            enc_args = [a for a in args if a.startswith(ENCODER_ARGS)]
+            enc_dir = None
+            if "--encoders_steps=0" not in enc_args:  # pretrained once per seed and setting (or reused)
+                enc_dir = os.path.join(root, "runs", "pretrained",
+                                       f"{preset}-{flags_key(enc_args, ENCODER_ARGS)}-{lm_key(args)}-s{seed}")
+                train([*common, *lm_args, *enc_args, "--stage=encoders", f"--lm_from={lm_dir}"], enc_dir, log,
+                      done="encoders.pt")
             out = os.path.join(root, "runs", name, f"{slug(variant)}-s{seed}")
-            results.setdefault(variant, []).append(train([*common, *args, f"--lm_from={lm_dir}"], out, log))
+            results.setdefault(variant, []).append(train([*common, *args, f"--lm_from={lm_dir}"], out, log,
+                                                         start_from=enc_dir))
     return results
 
 

@@ -42,7 +42,7 @@ from config import (PRESETS, SCHEDULES, STAGES, Config, ConfigError, barrier, co
                     stage_steps)
 from data import DataError, make_world
 from encoders import Pretraining
-from evaluate import spread_of, spread_text, summary, test_scores
+from evaluate import score_test_split, spread_of, spread_text, summary
 from integrate import IGNORE, PAD, Tokenizer, format_mc, mc_answer
 from samples import (Samples, TrainingError, batches, by_length, collate, split_rows, stage_items, to_device, turns_of,
                      world_config)
@@ -201,6 +201,15 @@ def train_stage(model, stage, dataset, cfg, env):
         if env["main"] and ((step + 1) % cfg.ckpt_every == 0 or late) and step + 1 < steps:
             save_checkpoint(last_path, model, opt, stage, step + 1, cfg)
             saved_step, saved_at = step + 1, time.perf_counter()
+        # --max_minutes: every process stops at the same step (under torchrun they vote; one sum a step)
+        if env["deadline"] and step + 1 < steps and global_sum(time.perf_counter() > env["deadline"], env) > 0:
+            env["stopped"] = {"stage": stage, "step": step + 1, "steps": steps}
+            env["log"](f"[{stage}] --max_minutes={cfg.max_minutes} spent at step {step + 1} of {steps}: the stage stops "
+                       f"here ({last_path}; --resume continues it), the stages after it are skipped")
+            if env["main"]:
+                save_checkpoint(last_path, model, opt, stage, step + 1, cfg)
+            barrier(env)
+            return
     if env["main"]:
         spread = row.get("visual_spread") if steps > start else None
         if spread:
@@ -218,7 +227,7 @@ def pretrain_encoders(model, world, tok, cfg, env, cache):
                          video_objective=cfg.video_objective).to(env["device"])
     done = os.path.join(cfg.out_dir, "encoders.pt")
     if os.path.exists(done) and cfg.stage == "all":
-        module.load_state_dict(load_checkpoint(done, cfg)["model"])
+        module.load_state_dict(load_checkpoint(done, cfg, ENCODER_KEYS)["model"])
         env["log"](f"[encoders] reusing {done}")
         return
     scenes = {}  # our world's scripts describe each clip and frame; a user's videos have their captions only
@@ -279,11 +288,14 @@ def save_checkpoint(path, model, opt, stage, step, cfg):
 
 MODEL_KEYS = ["vision", "image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads", "tokens_per_frame",
               "resampler", "resampler_layers", "lm_dim", "lm_layers", "lm_heads", "vocab_size", "frames_per_clip"]
+# encoders.pt holds the towers and their text tower only: a run with another connector or LM may start from it
+ENCODER_KEYS = ["vision", "image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads", "vocab_size",
+                "frames_per_clip", "contrastive_loss", "video_objective"]
 
 
-def load_checkpoint(path, cfg):
+def load_checkpoint(path, cfg, keys=MODEL_KEYS):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    diff = {k: (ckpt["config"].get(k), getattr(cfg, k)) for k in MODEL_KEYS if ckpt["config"].get(k) != getattr(cfg, k)}
+    diff = {k: (ckpt["config"].get(k), getattr(cfg, k)) for k in keys if ckpt["config"].get(k) != getattr(cfg, k)}
     if diff:
         raise ConfigError(f"{path} was trained with another model config: " +
                           ", ".join(f"{k}={a} there, {b} here" for k, (a, b) in diff.items()))
@@ -356,6 +368,8 @@ def run(cfg, env):
     cache, schedule = {}, SCHEDULES[cfg.schedule]
     stages = (["encoders"] if cfg.encoders_steps > 0 else []) + schedule if cfg.stage == "all" else [cfg.stage]
     for stage in stages:
+        if env["stopped"]:  # --max_minutes spent
+            break
         if stage == "encoders":
             retrieval = pretrain_encoders(model, world, tok, cfg, env, cache)
             if cfg.stage == "encoders":
@@ -380,8 +394,10 @@ def run(cfg, env):
         train_stage(model, stage, Samples(items, tok, cfg, model.tokens_per_clip, cache), cfg, env)
     if not env["main"]:
         return None
-    result = test_scores(model, world, tok, cfg, env)
+    result = score_test_split(model, world, tok, cfg, env)
     result["minutes"] = round((time.perf_counter() - t_start) / 60, 2)
+    if env["stopped"]:
+        result["stopped_early"] = env["stopped"]  # the run's --max_minutes ended this stage at this step
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(summary(result))

@@ -1,4 +1,4 @@
-"""sweep.py: a study's runs over seeds share a stage lm per seed, are cached, and end in a table.
+"""sweep.py: a study's runs over seeds share a stage lm and a stage encoders per seed, are cached, and end in a table.
 
     pytest tests/test_sweep.py
 """
@@ -18,9 +18,14 @@ def test_a_tiny_study_runs_caches_and_reports(tmp_path, monkeypatch):
     results = sweep.run_study("tiny", seeds=2, preset="smoke", root=root, log=lambda *a: None)
     assert {v: len(r) for v, r in results.items()} == {"perceiver": 2, "mlp_pool": 2}
     assert sorted(os.listdir(tmp_path / "runs" / "lm")) == ["smoke-default-s0", "smoke-default-s1"]  # one per seed
-    for seed in (0, 1):  # every variant of a seed started from that seed's LM
-        rows = (tmp_path / "runs" / "tiny" / f"mlp_pool-s{seed}" / "metrics.jsonl").read_text()
-        assert '"stage": "lm"' not in rows and '"stage": "sft"' in rows
+    pretrained = ["smoke-default-default-s0", "smoke-default-default-s1"]  # one encoders stage per seed, shared
+    assert sorted(os.listdir(tmp_path / "runs" / "pretrained")) == pretrained
+    for seed in (0, 1):  # every variant of a seed started from that seed's LM and its pretrained encoders
+        shared = (tmp_path / "runs" / "pretrained" / f"smoke-default-default-s{seed}" / "encoders.pt").read_bytes()
+        for variant in ("perceiver", "mlp_pool"):
+            rows = (tmp_path / "runs" / "tiny" / f"{variant}-s{seed}" / "metrics.jsonl").read_text()
+            assert '"stage": "lm"' not in rows and '"stage": "encoders"' not in rows and '"stage": "sft"' in rows
+            assert (tmp_path / "runs" / "tiny" / f"{variant}-s{seed}" / "encoders.pt").read_bytes() == shared
     stamp = os.path.getmtime(tmp_path / "runs" / "tiny" / "perceiver-s0" / "eval.json")
     again = sweep.run_study("tiny", seeds=2, preset="smoke", root=root, log=lambda *a: None)
     assert again == results and os.path.getmtime(tmp_path / "runs" / "tiny" / "perceiver-s0" / "eval.json") == stamp

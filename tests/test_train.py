@@ -197,6 +197,22 @@ def test_ckpt_minutes_checkpoints_by_time_as_well_as_by_steps(tiny_world, tmp_pa
             assert saved == [("sft.pt", 4)]  # steps alone: 1000 between checkpoints, so only the stage's end
 
 
+def test_max_minutes_stops_the_stage_in_progress_skips_the_rest_and_still_scores(tiny_world, tmp_path):
+    """--max_minutes: a run whose time budget is spent stops its stage at that step, keeping a checkpoint that --resume
+    continues, skips the stages after it and scores the test split all the same, saying where it stopped."""
+    world, _ = tiny_world
+    args = ["--preset=smoke", f"--data={world}", f"--out_dir={tmp_path}", "--encoders_steps=0"]
+    result = train.main([*args, "--max_minutes=1e-9"])  # spent before the first step ends
+    assert result["stopped_early"] == {"stage": "lm", "step": 1, "steps": 3} and 0 <= result["overall"] <= 1
+    assert torch.load(tmp_path / "lm_last.pt", weights_only=True)["step"] == 1
+    assert not any((tmp_path / f"{s}.pt").exists() for s in train.STAGES)
+    assert json.loads((tmp_path / "eval.json").read_text())["stopped_early"]["stage"] == "lm"
+    result = train.main([*args, "--resume"])  # no budget: lm goes on from step 1, then the rest
+    assert "stopped_early" not in result and all((tmp_path / f"{s}.pt").exists() for s in train.STAGES)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["stage"] == "lm"] == [1, 2, 3]
+
+
 def test_checkpoint_from_another_config_is_refused(tiny_world, tmp_path):
     world, cfg, tok, env = small_setup(tiny_world, tmp_path)
     model = train.Apollo(train.model_config(cfg, tok.vocab_size))
@@ -205,6 +221,11 @@ def test_checkpoint_from_another_config_is_refused(tiny_world, tmp_path):
     other = config_from_args(["--preset=smoke", "--lm_dim=64"])
     with pytest.raises(ConfigError, match="lm_dim=32 there, 64 here"):
         train.load_checkpoint(str(tmp_path / "x.pt"), other)
+    # encoders.pt holds the towers only: another LM or connector may start from it, other towers may not
+    assert train.load_checkpoint(str(tmp_path / "x.pt"), other, train.ENCODER_KEYS)["step"] == 1
+    wider = config_from_args(["--preset=smoke", "--vit_dim=64"])
+    with pytest.raises(ConfigError, match="vit_dim=32 there, 64 here"):
+        train.load_checkpoint(str(tmp_path / "x.pt"), wider, train.ENCODER_KEYS)
     assert not any(k.startswith("_orig_mod") for k in torch.load(tmp_path / "x.pt", weights_only=True)["model"])
 
 
