@@ -204,8 +204,8 @@ def train_stage(model, stage, dataset, cfg, env):
         # --max_minutes: every process stops at the same step (under torchrun they vote; one sum a step)
         if env["deadline"] and step + 1 < steps and global_sum(time.perf_counter() > env["deadline"], env) > 0:
             env["stopped"] = {"stage": stage, "step": step + 1, "steps": steps}
-            env["log"](f"[{stage}] --max_minutes={cfg.max_minutes} spent at step {step + 1} of {steps}: the stage stops "
-                       f"here ({last_path}; --resume continues it), the stages after it are skipped")
+            env["log"](f"[{stage}] --max_minutes={cfg.max_minutes} spent at step {step + 1} of {steps}: the stage "
+                       f"stops here ({last_path}; --resume continues it), the stages after it are skipped")
             if env["main"]:
                 save_checkpoint(last_path, model, opt, stage, step + 1, cfg)
             barrier(env)

@@ -1,0 +1,133 @@
+"""
+What reaches the LM: linear probes of the scene's facts from a trained run's features. A diagnostic beside Apollo
+§4.2-4.3, which compare encoders and connectors by the whole model's score alone.
+
+    python probe.py --ckpt=out/sft.pt                 # five facts, three feature sets, our world's train/test videos
+    python probe.py --ckpt=out/sft.pt --json=probe.json
+
+Each video of the run's world, sampled as the run samples it, gives three feature vectors: its pixels (each frame
+average-pooled to 8x8), the encoders' fused grid (each frame's grid average-pooled to 2x2) and the connector's
+tokens; videos with fewer clips are padded with zeros. For each fact, read from the scene script, a linear classifier
+learns on the training videos and is scored on the test videos, beside the share of the commonest answer. A fact
+the grid carries and the tokens do not was lost by the connector; one the pixels carry and the grid does not, by the
+encoders; one that none carries linearly may still be there, in a form a linear probe cannot read (a pan's
+direction is a comparison of frames).
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench import load_run
+from data import make_world
+from encoders import preprocess
+from samples import decode_video, world_config
+from sampling import VideoError
+
+FACTS = {  # fact -> its value in a scene script
+    "objects": lambda s: len(s["objects"]),                                          # how many objects (1-4)
+    "camera": lambda s: s["camera"][0]["direction"] if s["camera"] else "still",     # the first pan, if any
+    "colour": lambda s: s["objects"][0]["color"],                                    # the first object's colour
+    "shape": lambda s: s["objects"][0]["shape"],                                     # ... and its shape
+    "characters": lambda s: len(s["glyphs"]),                                        # how many characters flash
+}
+FEATURES = ["pixels", "grid", "tokens"]
+
+
+def linear_probe(x_train, y_train, x_test, steps=200, weight_decay=1e-2, lr=1e-2, seed=0):
+    """Multinomial logistic regression, full batch: x (N, F) float, y (N,) class ids -> the predicted class of each row
+    of x_test. Features are standardised on the training rows."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-5
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(x_train.shape[1], int(y_train.max()) + 1, generator=gen) * 1e-3).requires_grad_(True)
+    b = torch.zeros(w.shape[1], requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = F.cross_entropy(x_train @ w + b, y_train) + weight_decay * w.pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return (x_test @ w + b).argmax(1)
+
+
+@torch.no_grad()
+def features(model, frames, max_clips):
+    """frames (C, T, H, W, 3) uint8 of one video -> {name: (F,) vector}, the clips past C zero-padded to max_clips."""
+    C, T, size = *frames.shape[:2], model.cfg.encoder.image_size
+    pixels = F.adaptive_avg_pool2d(preprocess(frames.flatten(0, 1), size), 8)  # (C*T, 3, 8, 8)
+    grid = model.encode_frames(frames)  # (C, T, h, w, Dv)
+    pooled = F.adaptive_avg_pool2d(grid.flatten(0, 1).permute(0, 3, 1, 2), 2)  # (C*T, Dv, 2, 2)
+    tokens = model.encode_video(grid=grid)  # (C, L, D)
+    out = {}
+    for name, x in (("pixels", pixels), ("grid", pooled), ("tokens", tokens)):
+        x = x.reshape(C, -1).float()
+        out[name] = torch.cat([x, x.new_zeros(max_clips - C, x.shape[1])]).flatten()  # (max_clips * F,)
+    return out
+
+
+def probe_run(ckpt, device="cpu", log=print):
+    """{fact: {"majority": share, feature: test accuracy, ...}, "videos": {"train": n, "test": n}} for a run."""
+    model, _, cfg, env = load_run(ckpt, device)
+    model.eval()
+    if cfg.data:
+        raise SystemExit(f"error: {ckpt} was trained on {cfg.data}: probing needs our world's scene scripts")
+    world = make_world(world_config(cfg), cfg.data_dir, log=lambda *a: None)
+    with open(os.path.join(world, "scenes.jsonl")) as f:
+        scenes = [json.loads(line) for line in f]
+    max_clips = cfg.max_clips if cfg.sampling == "fps" else cfg.num_frames // cfg.frames_per_clip
+    rows = {"train": [], "test": []}
+    for s in scenes:
+        split = s["name"].split("_")[0]
+        if split not in rows:
+            continue
+        try:
+            frames, _ = decode_video(os.path.join(world, "videos", s["name"] + ".mp4"), cfg)
+        except VideoError as e:
+            log(f"warning: skipping {e}")
+            continue
+        rows[split].append((s, features(model, frames.to(env["device"]), max_clips)))
+    log(f"probing {len(rows['train'])} training and {len(rows['test'])} test videos of {world}")
+    result = {"videos": {k: len(v) for k, v in rows.items()}}
+    for fact, value_of in FACTS.items():
+        values = {k: [str(value_of(s)) for s, _ in v] for k, v in rows.items()}
+        classes = sorted(set(values["train"]) | set(values["test"]))
+        y = {k: torch.tensor([classes.index(c) for c in v]) for k, v in values.items()}
+        common = max(classes, key=values["train"].count)  # the commonest training answer, said of every test video
+        result[fact] = {"majority": round(values["test"].count(common) / len(values["test"]), 3)}
+        for name in FEATURES:
+            x = {k: torch.stack([f[name] for _, f in v]).cpu() for k, v in rows.items()}
+            guess = linear_probe(x["train"], y["train"], x["test"])
+            result[fact][name] = round(float((guess == y["test"]).float().mean()), 3)
+    return result
+
+
+def table(result):
+    lines = ["| fact | commonest answer | " + " | ".join(FEATURES) + " |", "|---|---|" + "---|" * len(FEATURES)]
+    for fact in FACTS:
+        r = result[fact]
+        lines.append(f"| {fact} | {r['majority']:.3f} | " + " | ".join(f"{r[n]:.3f}" for n in FEATURES) + " |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    opts = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
+    unknown = set(opts) - {"ckpt", "json", "device"}
+    if unknown or "ckpt" not in opts or len(opts) != len(argv):
+        raise SystemExit(__doc__ + (f"\nerror: unknown option --{sorted(unknown)[0]}" if unknown else ""))
+    if not os.path.exists(opts["ckpt"]):
+        raise SystemExit(f"error: {opts['ckpt']}: no such checkpoint")
+    result = probe_run(opts["ckpt"], opts.get("device", "cpu"))
+    print(table(result))
+    if "json" in opts:
+        with open(opts["json"], "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
