@@ -17,7 +17,6 @@ import json
 import os
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -71,7 +70,7 @@ def features(model, frames, max_clips):
 
 
 def probe_run(ckpt, device="cpu", log=print):
-    """{fact: {"majority": share, feature: test accuracy, ...}, "videos": {"train": n, "test": n}} for a run."""
+    """{fact: {"commonest": share, feature: test accuracy, ...}, "videos": {"train": n, "test": n}} for a run."""
     model, _, cfg, env = load_run(ckpt, device)
     model.eval()
     if cfg.data:
@@ -98,7 +97,7 @@ def probe_run(ckpt, device="cpu", log=print):
         classes = sorted(set(values["train"]) | set(values["test"]))
         y = {k: torch.tensor([classes.index(c) for c in v]) for k, v in values.items()}
         common = max(classes, key=values["train"].count)  # the commonest training answer, said of every test video
-        result[fact] = {"majority": round(values["test"].count(common) / len(values["test"]), 3)}
+        result[fact] = {"commonest": round(values["test"].count(common) / len(values["test"]), 3)}
         for name in FEATURES:
             x = {k: torch.stack([f[name] for _, f in v]).cpu() for k, v in rows.items()}
             guess = linear_probe(x["train"], y["train"], x["test"])
@@ -110,7 +109,7 @@ def table(result):
     lines = ["| fact | commonest answer | " + " | ".join(FEATURES) + " |", "|---|---|" + "---|" * len(FEATURES)]
     for fact in FACTS:
         r = result[fact]
-        lines.append(f"| {fact} | {r['majority']:.3f} | " + " | ".join(f"{r[n]:.3f}" for n in FEATURES) + " |")
+        lines.append(f"| {fact} | {r['commonest']:.3f} | " + " | ".join(f"{r[n]:.3f}" for n in FEATURES) + " |")
     return "\n".join(lines)
 
 

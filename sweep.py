@@ -95,14 +95,10 @@ ENCODER_ARGS = ("--vision", "--image_size", "--patch_size", "--vit_", "--encoder
                 "--video_objective", "--frames_per_clip")  # what the stage encoders' result depends on
 
 
-def flags_key(args, prefixes):
-    """The flags of args that start with one of prefixes, as a folder name ("default" when none)."""
-    return "-".join(a[2:].replace("=", "") for a in args if a.startswith(prefixes)) or "default"
-
-
-def lm_key(args):
-    """The flags that shape the LM (and so the stage lm run a variant can share)."""
-    return flags_key(args, LM_ARGS)
+def flags_key(flags):
+    """Flags as a folder name, "--lm_dim=64" -> "lm_dim64" ("default" when there are none): a shared stage's folder
+    is named by the flags that shape it."""
+    return "-".join(a[2:].replace("=", "") for a in flags) or "default"
 
 
 SOURCES = ["scene.py", "questions.py", "data.py", "sampling.py", "encoders.py", "resampler.py", "integrate.py",
@@ -164,13 +160,13 @@ def run_study(name, seeds=3, preset="study", root="results", log=print):
         for seed in range(seeds):
             common = [f"--preset={preset}", f"--seed={seed}", f"--data_dir={os.path.join(root, 'data')}"]
             lm_args = [a for a in args if a.startswith(LM_ARGS)]
-            lm_dir = os.path.join(root, "runs", "lm", f"{preset}-{lm_key(args)}-s{seed}")
+            lm_dir = os.path.join(root, "runs", "lm", f"{preset}-{flags_key(lm_args)}-s{seed}")
             train([*common, *lm_args, "--stage=lm"], lm_dir, log)  # or reuse
             enc_args = [a for a in args if a.startswith(ENCODER_ARGS)]
             enc_dir = None
             if "--encoders_steps=0" not in enc_args:  # pretrained once per seed and setting (or reused)
                 enc_dir = os.path.join(root, "runs", "pretrained",
-                                       f"{preset}-{flags_key(enc_args, ENCODER_ARGS)}-{lm_key(args)}-s{seed}")
+                                       f"{preset}-{flags_key(enc_args)}-{flags_key(lm_args)}-s{seed}")
                 train([*common, *lm_args, *enc_args, "--stage=encoders", f"--lm_from={lm_dir}"], enc_dir, log,
                       done="encoders.pt")
             out = os.path.join(root, "runs", name, f"{slug(variant)}-s{seed}")

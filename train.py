@@ -201,8 +201,10 @@ def train_stage(model, stage, dataset, cfg, env):
         if env["main"] and ((step + 1) % cfg.ckpt_every == 0 or late) and step + 1 < steps:
             save_checkpoint(last_path, model, opt, stage, step + 1, cfg)
             saved_step, saved_at = step + 1, time.perf_counter()
-        # --max_minutes: every process stops at the same step (under torchrun they vote; one sum a step)
-        if env["deadline"] and step + 1 < steps and global_sum(time.perf_counter() > env["deadline"], env) > 0:
+        spent = env["deadline"] is not None and time.perf_counter() > env["deadline"]  # --max_minutes
+        if env["deadline"] is not None and env["world"] > 1:  # every process stops at the same step: they vote
+            spent = bool(global_sum(spent, env) > 0)
+        if spent and step + 1 < steps:
             env["stopped"] = {"stage": stage, "step": step + 1, "steps": steps}
             env["log"](f"[{stage}] --max_minutes={cfg.max_minutes} spent at step {step + 1} of {steps}: the stage "
                        f"stops here ({last_path}; --resume continues it), the stages after it are skipped")

@@ -9,6 +9,8 @@ import torch
 
 import probe
 import train
+from apollo import Apollo
+from config import config_from_args, model_config
 
 
 def test_linear_probe_reads_a_linear_fact_and_not_noise():
@@ -28,8 +30,28 @@ def test_probe_run_scores_every_fact_from_every_feature_set(tmp_path):
     result = probe.main([f"--ckpt={out / 'sft.pt'}", f"--json={tmp_path / 'probe.json'}"])
     assert result["videos"] == {"train": 24, "test": 8}
     for fact in probe.FACTS:
-        assert set(result[fact]) == {"majority", *probe.FEATURES}
+        assert set(result[fact]) == {"commonest", *probe.FEATURES}
         assert all(0 <= v <= 1 for v in result[fact].values())
+    scenes = [json.loads(line) for line in next((tmp_path / "data").glob("world-*/scenes.jsonl")).open()]
+    counts = [len(s["objects"]) for s in scenes if s["name"].startswith("train")]
+    common = max(sorted(set(counts), key=str), key=counts.count)  # the baseline: the commonest training answer
+    test = [len(s["objects"]) for s in scenes if s["name"].startswith("test")]
+    assert result["objects"]["commonest"] == round(test.count(common) / len(test), 3)
     assert json.loads((tmp_path / "probe.json").read_text()) == result
     with pytest.raises(SystemExit, match="unknown option --ckpts"):
         probe.main([f"--ckpts={out / 'sft.pt'}"])
+
+
+def test_features_are_the_models_own_padded_with_zeros_to_max_clips():
+    cfg = config_from_args(["--preset=smoke", "--device=cpu"])
+    torch.manual_seed(0)
+    model = Apollo(model_config(cfg, cfg.vocab_size)).eval()
+    frames = torch.randint(0, 256, (1, cfg.frames_per_clip, 64, 64, 3), dtype=torch.uint8)  # one clip of max_clips=2
+    out = probe.features(model, frames, max_clips=2)
+    with torch.no_grad():
+        tokens = model.encode_video(frames).flatten()
+    assert set(out) == set(probe.FEATURES)
+    assert torch.allclose(out["tokens"][:len(tokens)], tokens) and not out["tokens"][len(tokens):].any()
+    assert len(out["tokens"]) == 2 * len(tokens)
+    assert len(out["grid"]) == 2 * cfg.frames_per_clip * 2 * cfg.vit_dim * 4  # both towers' channels, 2x2 a frame
+    assert len(out["pixels"]) == 2 * cfg.frames_per_clip * 3 * 8 * 8 and out["pixels"][:len(out["pixels"]) // 2].any()
