@@ -30,6 +30,7 @@ class LMConfig:
     dim: int = 128
     n_layer: int = 4
     n_head: int = 4
+    smear: bool = False   # smeared keys in every layer (layers.Attention): induction heads form early
     max_seq: int = 1024  # longest sequence RoPE tables are made for
 
 
@@ -53,7 +54,7 @@ class LM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.n_head) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.n_head, cfg.smear) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied
@@ -207,10 +208,12 @@ def generate(model, ids, frames=None, max_new=60):
 def config_from_flat(c, vocab_size):
     """The ApolloConfig of a run's flat config (train.py's Config, or the dict a checkpoint carries)."""
     return ApolloConfig(
-        encoder=EncoderConfig(c["image_size"], c["patch_size"], c["vit_dim"], c["vit_layers"], c["vit_heads"]),
+        encoder=EncoderConfig(c["image_size"], c["patch_size"], c["vit_dim"], c["vit_layers"], c["vit_heads"],
+                              c.get("motion", False)),
         resampler=ResamplerConfig(c["tokens_per_frame"], c["resampler_layers"], c["lm_heads"],
                                   c.get("resampler", "perceiver")),
-        lm=LMConfig(vocab_size, c["lm_dim"], c["lm_layers"], c["lm_heads"]), frames_per_clip=c["frames_per_clip"],
+        lm=LMConfig(vocab_size, c["lm_dim"], c["lm_layers"], c["lm_heads"], c.get("lm_smear", False)),
+        frames_per_clip=c["frames_per_clip"],
         vision=c.get("vision", "image"))
 
 

@@ -67,12 +67,14 @@ class Config:
     vit_layers: int = 3
     vit_heads: int = 4
     vision: str = "image+video"  # image | video | image+video: the encoders (both: grids fused, Apollo §4.2)
+    motion: bool = True         # the video encoder also gets motion costs (encoders.motion_costs, a correlation layer)
     tokens_per_frame: int = 8
     resampler: str = "perceiver"  # perceiver | mlp_pool | conv_pool (Table 1's connector comparison)
     resampler_layers: int = 2
     lm_dim: int = 128
     lm_layers: int = 4
     lm_heads: int = 4
+    lm_smear: bool = False      # smeared keys (layers.Attention): the copy warm-up's induction in 200 steps, not 800+
     vocab_size: int = 512       # byte-level BPE: 256 bytes + 6 special tokens + learned merges
     integration: str = "timestamp"  # plain | start_end | timestamp | timestamp_start_end
     # training (Apollo: AdamW, clip 1, 3% warm-up, cosine decay)

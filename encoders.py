@@ -32,6 +32,7 @@ class EncoderConfig:
     dim: int = 64          # width of the encoder
     n_layer: int = 3
     n_head: int = 4
+    motion: bool = True    # the video encoder's tubelets also get motion costs (a correlation layer, below)
 
 
 def preprocess(frames, image_size):
@@ -64,9 +65,37 @@ class ImageEncoder(nn.Module):
         return self.norm(x).view(B, T, self.grid, self.grid, -1)  # (B, T, H, W, D)
 
 
+def motion_shifts(patch_size):
+    """The displacements the correlation layer tries, in pixels (dx, dy): none, and half, one and one and a half
+    patches along each axis, both ways (13 at patch 8: up to 12 pixels, a pan of 6-12 px/s seen 1 s apart)."""
+    steps = [k * patch_size // 2 for k in (1, 2, 3)]
+    return [(0, 0)] + [(s * d, 0) for d in steps for s in (1, -1)] + [(0, s * d) for d in steps for s in (1, -1)]
+
+
+def motion_costs(x, patch_size, tubelet=2, clip=0.4):
+    """A correlation layer (FlowNet, Dosovitskiy et al. 2015; for video, Wang et al. 2020, "Video Modeling with
+    Correlation Networks"): for each tubelet, how badly its last frame b matches its first frame a moved by each of
+    motion_shifts, per patch: mean over the patch of min(|b(p) - a(p + d)|, clip), channels averaged. The clip keeps
+    a moving object from outvoting the background; costs are given relative to their mean over the shifts, so a
+    patch says which way it moved rather than how much texture it has. A ViT can learn this comparison from pixels,
+    but not in the few hundred steps the `encoders` stage has: a linear probe of the first pan from the default run's
+    grid scored no better than the commonest answer (README, probe.py), from these costs of the sampled frames 0.92.
+    x (B, T, 3, S, S) preprocessed frames -> (B, T / tubelet, H, W, K) costs, K = len(motion_shifts)."""
+    a, b = x[:, 0::tubelet].flatten(0, 1), x[:, tubelet - 1::tubelet].flatten(0, 1)  # (B*T', 3, S, S) each
+    shifts, S = motion_shifts(patch_size), x.size(-1)
+    m = max(max(abs(dx), abs(dy)) for dx, dy in shifts)
+    padded = F.pad(a, (m, m, m, m), mode="replicate")
+    costs = torch.stack([(b - padded[..., m + dy:m + dy + S, m + dx:m + dx + S]).abs().mean(1).clamp(max=clip)
+                         for dx, dy in shifts], 1)  # (B*T', K, S, S)
+    costs = F.avg_pool2d(costs, patch_size) / clip  # (B*T', K, H, W), in [0, 1]
+    costs = costs - costs.mean(1, keepdim=True)
+    return costs.permute(0, 2, 3, 1).unflatten(0, (x.size(0), -1))  # (B, T', H, W, K)
+
+
 class VideoEncoder(nn.Module):
     """ViT over tubelets, like InternVideo2: (B, T, 3, S, S) -> (B, T / tubelet, H, W, D). Every tubelet attends
-    to every other (space-time attention). Positions: a learned spatial one plus a learned temporal one."""
+    to every other (space-time attention). Positions: a learned spatial one plus a learned temporal one. With
+    cfg.motion, each tubelet's embedding also gets its motion costs (motion_costs), linearly embedded."""
 
     def __init__(self, cfg: EncoderConfig, tubelet=2, max_time=32):
         super().__init__()
@@ -77,6 +106,7 @@ class VideoEncoder(nn.Module):
         self.patch_embed = nn.Conv3d(3, cfg.dim, kernel_size=(tubelet, p, p), stride=(tubelet, p, p))
         self.pos = nn.Parameter(torch.randn(1, 1, self.grid * self.grid, cfg.dim) * 0.02)
         self.time_pos = nn.Parameter(torch.randn(1, max_time, 1, cfg.dim) * 0.02)
+        self.motion_embed = nn.Linear(len(motion_shifts(p)), cfg.dim) if cfg.motion else None
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.n_head) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim)
 
@@ -84,9 +114,10 @@ class VideoEncoder(nn.Module):
         """(B, T, 3, S, S) -> tubelet tokens with positions (B, T', H*W, D)."""
         if x.size(1) % self.tubelet:
             raise ValueError(f"the video encoder takes clips of a multiple of {self.tubelet} frames, got {x.size(1)}")
-        x = self.patch_embed(x.transpose(1, 2))  # (B, D, T', H, W)
-        x = x.flatten(3).permute(0, 2, 3, 1)  # (B, T', H*W, D)
-        return x + self.pos + self.time_pos[:, : x.size(1)]
+        tokens = self.patch_embed(x.transpose(1, 2)).flatten(3).permute(0, 2, 3, 1)  # (B, T', H*W, D)
+        if self.motion_embed is not None:
+            tokens = tokens + self.motion_embed(motion_costs(x, self.cfg.patch_size, self.tubelet).flatten(2, 3))
+        return tokens + self.pos + self.time_pos[:, : tokens.size(1)]
 
     def encode(self, x):
         """tokens (B, N, D) -> the same tokens after the blocks, normalised."""

@@ -59,12 +59,17 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    """Multi-head attention: self attention when kv is None, cross attention (Tq != Tk) otherwise."""
+    """Multi-head attention: self attention when kv is None, cross attention (Tq != Tk) otherwise. With smear (causal
+    self attention only), each key is mixed with the key before it, k_j <- a k_j + (1 - a) k_{j-1}, a = sigmoid of a
+    learned number per head (0 at the start: half and half): Olsson et al. 2022's "smeared keys". A key then says
+    which token came before it, so one layer can find "where the current token was last seen" and attend to what
+    followed it, an induction head, which otherwise needs two layers to compose and a long plateau to form."""
 
-    def __init__(self, dim, n_head):
+    def __init__(self, dim, n_head, smear=False):
         super().__init__()
         assert dim % n_head == 0, f"dim {dim} must be divisible by n_head {n_head}"
         self.n_head = n_head
+        self.smear = nn.Parameter(torch.zeros(n_head, 1, 1)) if smear else None
         self.q = nn.Linear(dim, dim, bias=False)
         self.kv = nn.Linear(dim, 2 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
@@ -77,6 +82,9 @@ class Attention(nn.Module):
         k, v = self.kv(kv).split(C, dim=-1)
         k = k.view(B, Tk, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, Tk, hs)
         v = v.view(B, Tk, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, Tk, hs)
+        if self.smear is not None:
+            a = torch.sigmoid(self.smear)  # (nh, 1, 1)
+            k = a * k + (1 - a) * F.pad(k, (0, 0, 1, 0))[:, :, :-1]  # the key before: zeros before the first
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos[:Tq], sin[:Tq]), apply_rope(k, cos[:Tk], sin[:Tk])
@@ -99,12 +107,12 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); smear: the attention's smeared keys."""
 
-    def __init__(self, dim, n_head):
+    def __init__(self, dim, n_head, smear=False):
         super().__init__()
         self.norm1 = RMSNorm(dim)
-        self.attn = Attention(dim, n_head)
+        self.attn = Attention(dim, n_head, smear)
         self.norm2 = RMSNorm(dim)
         self.mlp = SwiGLU(dim)
 

@@ -5,13 +5,14 @@ What reaches the LM: linear probes of the scene's facts from a trained run's fea
     python probe.py --ckpt=out/sft.pt                 # five facts, three feature sets, our world's train/test videos
     python probe.py --ckpt=out/sft.pt --json=probe.json
 
-Each video of the run's world, sampled as the run samples it, gives three feature vectors: its pixels (each frame
-average-pooled to 8x8), the encoders' fused grid (each frame's grid average-pooled to 2x2) and the connector's
-tokens; videos with fewer clips are padded with zeros. For each fact, read from the scene script, a linear classifier
-learns on the training videos and is scored on the test videos, beside the share of the commonest answer. A fact
-the grid carries and the tokens do not was lost by the connector; one the pixels carry and the grid does not, by the
-encoders; one that none carries linearly may still be there, in a form a linear probe cannot read (a pan's
-direction is a comparison of frames).
+Each video of the run's world, sampled as the run samples it, gives four feature vectors: its pixels (each frame
+average-pooled to 8x8), its motion costs (encoders.motion_costs of each pair of frames, parameter-free, averaged over
+the frame: what a pan does to the whole picture), the encoders' fused grid (each frame's grid average-pooled to 2x2)
+and the connector's tokens; videos with fewer clips are padded with zeros. For each fact, read from the scene
+script, a linear classifier learns on the training videos and is scored on the test videos, beside the share of the
+commonest answer. A fact the grid carries and the tokens do not was lost by the connector; one the pixels or the
+motion costs carry and the grid does not, by the encoders; one that none carries linearly may still be there, in a
+form a linear probe cannot read.
 """
 import json
 import os
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from bench import load_run
 from data import make_world
-from encoders import preprocess
+from encoders import motion_costs, preprocess
 from samples import decode_video, world_config
 from sampling import VideoError
 
@@ -33,7 +34,7 @@ FACTS = {  # fact -> its value in a scene script
     "shape": lambda s: s["objects"][0]["shape"],                                     # ... and its shape
     "characters": lambda s: len(s["glyphs"]),                                        # how many characters flash
 }
-FEATURES = ["pixels", "grid", "tokens"]
+FEATURES = ["pixels", "motion", "grid", "tokens"]
 
 
 def linear_probe(x_train, y_train, x_test, steps=200, weight_decay=1e-2, lr=1e-2, seed=0):
@@ -58,12 +59,14 @@ def linear_probe(x_train, y_train, x_test, steps=200, weight_decay=1e-2, lr=1e-2
 def features(model, frames, max_clips):
     """frames (C, T, H, W, 3) uint8 of one video -> {name: (F,) vector}, the clips past C zero-padded to max_clips."""
     C, T, size = *frames.shape[:2], model.cfg.encoder.image_size
-    pixels = F.adaptive_avg_pool2d(preprocess(frames.flatten(0, 1), size), 8)  # (C*T, 3, 8, 8)
+    x = preprocess(frames.flatten(0, 1), size)  # (C*T, 3, S, S)
+    pixels = F.adaptive_avg_pool2d(x, 8)  # (C*T, 3, 8, 8)
+    motion = motion_costs(x.view(C, T, *x.shape[1:]), model.cfg.encoder.patch_size).mean((2, 3))  # (C, T/2, K)
     grid = model.encode_frames(frames)  # (C, T, h, w, Dv)
     pooled = F.adaptive_avg_pool2d(grid.flatten(0, 1).permute(0, 3, 1, 2), 2)  # (C*T, Dv, 2, 2)
     tokens = model.encode_video(grid=grid)  # (C, L, D)
     out = {}
-    for name, x in (("pixels", pixels), ("grid", pooled), ("tokens", tokens)):
+    for name, x in (("pixels", pixels), ("motion", motion), ("grid", pooled), ("tokens", tokens)):
         x = x.reshape(C, -1).float()
         out[name] = torch.cat([x, x.new_zeros(max_clips - C, x.shape[1])]).flatten()  # (max_clips * F,)
     return out

@@ -90,8 +90,8 @@ STUDIES["scaling"] = {
                  for v in SCALING_VARIANTS for size, args in LM_SIZES.items()},
     "paper": {},
 }
-LM_ARGS = ("--lm_dim", "--lm_layers", "--lm_heads", "--vocab_size")
-ENCODER_ARGS = ("--vision", "--image_size", "--patch_size", "--vit_", "--encoders_", "--contrastive_loss",
+LM_ARGS = ("--lm_dim", "--lm_layers", "--lm_heads", "--lm_smear", "--vocab_size")
+ENCODER_ARGS = ("--vision", "--motion", "--image_size", "--patch_size", "--vit_", "--encoders_", "--contrastive_loss",
                 "--video_objective", "--frames_per_clip")  # what the stage encoders' result depends on
 
 

@@ -261,7 +261,7 @@ def pretrain_encoders(model, world, tok, cfg, env, cache):
     return result
 
 
-LM_KEYS = ["lm_dim", "lm_layers", "lm_heads", "vocab_size"]
+LM_KEYS = ["lm_dim", "lm_layers", "lm_heads", "lm_smear", "vocab_size"]
 
 
 def load_lm(model, cfg):
@@ -270,7 +270,8 @@ def load_lm(model, cfg):
     if not os.path.exists(path):
         raise ConfigError(f"--lm_from={cfg.lm_from}: no lm.pt there (run its stage lm first)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    diff = {k: (ckpt["config"].get(k), getattr(cfg, k)) for k in LM_KEYS if ckpt["config"].get(k) != getattr(cfg, k)}
+    saved = {**ADDED_KEYS, **ckpt["config"]}
+    diff = {k: (saved.get(k), getattr(cfg, k)) for k in LM_KEYS if saved.get(k) != getattr(cfg, k)}
     if diff:
         raise ConfigError(f"{path} holds another LM: " +
                           ", ".join(f"{k}={a} there, {b} here" for k, (a, b) in diff.items()))
@@ -288,16 +289,20 @@ def save_checkpoint(path, model, opt, stage, step, cfg):
     os.replace(tmp, path)
 
 
-MODEL_KEYS = ["vision", "image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads", "tokens_per_frame",
-              "resampler", "resampler_layers", "lm_dim", "lm_layers", "lm_heads", "vocab_size", "frames_per_clip"]
+MODEL_KEYS = ["vision", "motion", "image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads",
+              "tokens_per_frame", "resampler", "resampler_layers", "lm_dim", "lm_layers", "lm_heads", "lm_smear",
+              "vocab_size", "frames_per_clip"]
+# keys added after checkpoints were written, each with the value a checkpoint without it was trained with
+ADDED_KEYS = {"motion": False, "lm_smear": False}
 # encoders.pt holds the towers and their text tower only: a run with another connector or LM may start from it
-ENCODER_KEYS = ["vision", "image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads", "vocab_size",
+ENCODER_KEYS = ["vision", "motion", "image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads", "vocab_size",
                 "frames_per_clip", "contrastive_loss", "video_objective"]
 
 
 def load_checkpoint(path, cfg, keys=MODEL_KEYS):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    diff = {k: (ckpt["config"].get(k), getattr(cfg, k)) for k in keys if ckpt["config"].get(k) != getattr(cfg, k)}
+    saved = {**ADDED_KEYS, **ckpt["config"]}
+    diff = {k: (saved.get(k), getattr(cfg, k)) for k in keys if saved.get(k) != getattr(cfg, k)}
     if diff:
         raise ConfigError(f"{path} was trained with another model config: " +
                           ", ".join(f"{k}={a} there, {b} here" for k, (a, b) in diff.items()))

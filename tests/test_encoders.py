@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from encoders import (Contrastive, EncoderConfig, ImageEncoder, MaskedVideo, TextTower, VideoEncoder, clip_loss,
-                      fuse_grids, recall_at, siglip_loss)
+                      fuse_grids, motion_costs, motion_shifts, recall_at, siglip_loss)
 
 CFG = EncoderConfig(image_size=16, patch_size=4, dim=16, n_layer=1, n_head=2)
 
@@ -32,6 +32,40 @@ def test_video_encoder_grid_and_space_time_attention():
     y = x.clone()
     y[:, 3] += 1.0  # change only the last frame: with space-time attention every token of the clip sees it
     assert (enc(y)[:, 0] - out[:, 0]).abs().amax() > 1e-4
+
+
+def panned_clip(dx, dy, size=32, block=4, seed=0):
+    """Two frames of a blocky random texture, the second seen by a camera moved (dx, dy) pixels: (1, 2, 3, S, S)."""
+    gen = torch.Generator().manual_seed(seed)
+    texture = torch.rand(3, 24, 24, generator=gen).repeat_interleave(block, 1).repeat_interleave(block, 2)  # 96 px
+    first, second = (texture[:, 30 + y:30 + y + size, 30 + x:30 + x + size] for x, y in ((0, 0), (dx, dy)))
+    return torch.stack([first, second])[None] * 4 - 2
+
+
+def test_motion_costs_find_the_camera_pan_in_every_patch():
+    shifts = motion_shifts(8)
+    assert len(shifts) == 13 and (12, 0) in shifts and (0, -4) in shifts
+    for pan in [(8, 0), (-4, 0), (0, 12), (0, -8), (0, 0)]:
+        costs = motion_costs(panned_clip(*pan), patch_size=8)  # (1, 1, 4, 4, 13)
+        assert costs.shape == (1, 1, 4, 4, 13)
+        assert (costs[0, 0, 1:-1, 1:-1].argmin(-1) == shifts.index(pan)).all()  # each patch off the edges says
+        assert costs.mean((1, 2, 3)).argmin(-1) == shifts.index(pan)  # which way the camera went, as does the mean
+        assert costs.sum(-1).abs().amax() < 1e-5  # relative to their mean over the shifts
+
+
+def test_the_video_encoder_sees_motion_only_with_its_costs():
+    torch.manual_seed(0)
+    cfg = EncoderConfig(image_size=32, patch_size=8, dim=16, n_layer=1, n_head=2)
+    still, panned = panned_clip(0, 0), panned_clip(8, 0)
+    with_motion = VideoEncoder(cfg)
+    assert with_motion.motion_embed is not None
+    without = VideoEncoder(EncoderConfig(**{**cfg.__dict__, "motion": False}))
+    assert without.motion_embed is None and not any("motion" in k for k in without.state_dict())
+    costs = with_motion.motion_embed(motion_costs(panned, 8).flatten(2, 3)) - \
+        with_motion.motion_embed(motion_costs(still, 8).flatten(2, 3))
+    tokens = with_motion.tokens(panned) - with_motion.tokens(still)
+    plain = with_motion.patch_embed(panned.transpose(1, 2)) - with_motion.patch_embed(still.transpose(1, 2))
+    assert torch.allclose(tokens, plain.flatten(3).permute(0, 2, 3, 1) + costs, atol=1e-5)  # costs add in
 
 
 def test_fuse_grids_interpolates_to_the_largest_and_concatenates():

@@ -55,3 +55,27 @@ def test_features_are_the_models_own_padded_with_zeros_to_max_clips():
     assert len(out["tokens"]) == 2 * len(tokens)
     assert len(out["grid"]) == 2 * cfg.frames_per_clip * 2 * cfg.vit_dim * 4  # both towers' channels, 2x2 a frame
     assert len(out["pixels"]) == 2 * cfg.frames_per_clip * 3 * 8 * 8 and out["pixels"][:len(out["pixels"]) // 2].any()
+    assert len(out["motion"]) == 2 * cfg.frames_per_clip // 2 * 13  # 13 shifts a pair of frames
+
+
+def test_motion_costs_read_the_camera_pan_where_pixels_do_not():
+    """The motion features are what make a pan linear: a blocky texture seen by a camera panning one of four ways,
+    each clip a new texture, is told apart from them, not from the pixels."""
+    gen = torch.Generator().manual_seed(0)
+    cfg = config_from_args(["--preset=smoke", "--device=cpu"])
+    model = Apollo(model_config(cfg, cfg.vocab_size)).eval()
+    ways = [(8, 0), (-8, 0), (0, 8), (0, -8)]
+    rows, labels = [], []
+    for i in range(160):
+        texture = torch.randint(0, 256, (3, 14, 14), generator=gen).repeat_interleave(8, 1).repeat_interleave(8, 2)
+        dx, dy = ways[i % 4]
+        frames = torch.stack([texture[:, 24 + k * dy:88 + k * dy, 24 + k * dx:88 + k * dx]
+                              for k in range(cfg.frames_per_clip)]).permute(0, 2, 3, 1)  # (T, 64, 64, 3)
+        rows.append(probe.features(model, frames[None].to(torch.uint8), max_clips=2))
+        labels.append(i % 4)
+    y = torch.tensor(labels)
+    score = {}
+    for name in ("pixels", "motion"):
+        x = torch.stack([r[name] for r in rows])
+        score[name] = float((probe.linear_probe(x[:120], y[:120], x[120:]) == y[120:]).float().mean())
+    assert score["motion"] == 1.0 and score["pixels"] < 0.6, score

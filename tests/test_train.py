@@ -2,6 +2,7 @@
 
     pytest tests/test_train.py
 """
+import dataclasses
 import json
 import math
 import os
@@ -227,6 +228,20 @@ def test_checkpoint_from_another_config_is_refused(tiny_world, tmp_path):
     with pytest.raises(ConfigError, match="vit_dim=32 there, 64 here"):
         train.load_checkpoint(str(tmp_path / "x.pt"), wider, train.ENCODER_KEYS)
     assert not any(k.startswith("_orig_mod") for k in torch.load(tmp_path / "x.pt", weights_only=True)["model"])
+
+
+def test_a_checkpoint_from_before_a_key_was_added_means_that_keys_old_value(tmp_path):
+    """A checkpoint written before --motion and --lm_smear existed was trained without them: it loads into a run
+    that turns them off, and a run with the video encoder's motion costs refuses it, naming the key."""
+    old = config_from_args(["--preset=smoke", "--motion=false"])
+    model = train.Apollo(train.model_config(old, 300))
+    ckpt = {"model": model.state_dict(), "stage": "sft", "step": 3,
+            "config": {k: v for k, v in dataclasses.asdict(old).items() if k not in train.ADDED_KEYS}}
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert "motion_embed" not in str(list(ckpt["model"]))
+    model.load_state_dict(train.load_checkpoint(str(tmp_path / "old.pt"), old)["model"])
+    with pytest.raises(ConfigError, match="motion=False there, True here"):
+        train.load_checkpoint(str(tmp_path / "old.pt"), config_from_args(["--preset=smoke"]))
 
 
 def test_gpu_preset_model_takes_a_step_on_cpu(tiny_world, tmp_path):
