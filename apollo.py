@@ -205,16 +205,20 @@ def generate(model, ids, frames=None, max_new=60):
     return out
 
 
+# flat config keys added after checkpoints had been written, each with the value a checkpoint without it was trained
+# with: an old run still loads, and one that differs is refused by name (train.load_checkpoint)
+ADDED_KEYS = {"vision": "image", "resampler": "perceiver", "motion": False, "lm_smear": False}
+
+
 def config_from_flat(c, vocab_size):
     """The ApolloConfig of a run's flat config (train.py's Config, or the dict a checkpoint carries)."""
+    c = {**ADDED_KEYS, **c}
     return ApolloConfig(
         encoder=EncoderConfig(c["image_size"], c["patch_size"], c["vit_dim"], c["vit_layers"], c["vit_heads"],
-                              c.get("motion", False)),
-        resampler=ResamplerConfig(c["tokens_per_frame"], c["resampler_layers"], c["lm_heads"],
-                                  c.get("resampler", "perceiver")),
-        lm=LMConfig(vocab_size, c["lm_dim"], c["lm_layers"], c["lm_heads"], c.get("lm_smear", False)),
-        frames_per_clip=c["frames_per_clip"],
-        vision=c.get("vision", "image"))
+                              c["motion"]),
+        resampler=ResamplerConfig(c["tokens_per_frame"], c["resampler_layers"], c["lm_heads"], c["resampler"]),
+        lm=LMConfig(vocab_size, c["lm_dim"], c["lm_layers"], c["lm_heads"], c["lm_smear"]),
+        frames_per_clip=c["frames_per_clip"], vision=c["vision"])
 
 
 def init_weights(m):

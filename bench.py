@@ -31,7 +31,7 @@ import torch
 import evaluate
 import samples
 import train
-from apollo import Apollo
+from apollo import ADDED_KEYS, Apollo
 from config import Config, model_config, setup
 from data import load_jsonl, make_world, write_jsonl
 from integrate import IGNORE, Tokenizer
@@ -70,7 +70,7 @@ def load_run(ckpt, device="auto"):
     """A trained model from its checkpoint and the run's config.json and tokenizer.json beside it."""
     run_dir = os.path.dirname(os.path.abspath(ckpt))
     with open(os.path.join(run_dir, "config.json")) as f:
-        saved = {**train.ADDED_KEYS, **json.load(f)}  # a run from before a key was added: what it trained with
+        saved = {**ADDED_KEYS, **json.load(f)}  # a run from before a key was added: what it trained with
     known = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{k: v for k, v in saved.items() if k in known})
     cfg = dataclasses.replace(cfg, device=device, out_dir=run_dir)

@@ -74,7 +74,7 @@ class Config:
     lm_dim: int = 128
     lm_layers: int = 4
     lm_heads: int = 4
-    lm_smear: bool = False      # smeared keys (layers.Attention): the copy warm-up's induction in 200 steps, not 800+
+    lm_smear: bool = False      # smeared keys (layers.Attention): the copy warm-up's copy found by step 250, not in 800
     vocab_size: int = 512       # byte-level BPE: 256 bytes + 6 special tokens + learned merges
     integration: str = "timestamp"  # plain | start_end | timestamp | timestamp_start_end
     # training (Apollo: AdamW, clip 1, 3% warm-up, cosine decay)

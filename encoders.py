@@ -78,8 +78,8 @@ def motion_costs(x, patch_size, tubelet=2, clip=0.4):
     motion_shifts, per patch: mean over the patch of min(|b(p) - a(p + d)|, clip), channels averaged. The clip keeps
     a moving object from outvoting the background; costs are given relative to their mean over the shifts, so a
     patch says which way it moved rather than how much texture it has. A ViT can learn this comparison from pixels,
-    but not in the few hundred steps the `encoders` stage has: a linear probe of the first pan from the default run's
-    grid scored no better than the commonest answer (README, probe.py), from these costs of the sampled frames 0.92.
+    but not in the few hundred steps the `encoders` stage has: a linear probe of the first pan from the grid of a run
+    without these costs scored no better than the commonest answer, from the costs themselves 0.99 (README, probe.py).
     x (B, T, 3, S, S) preprocessed frames -> (B, T / tubelet, H, W, K) costs, K = len(motion_shifts)."""
     a, b = x[:, 0::tubelet].flatten(0, 1), x[:, tubelet - 1::tubelet].flatten(0, 1)  # (B*T', 3, S, S) each
     shifts, S = motion_shifts(patch_size), x.size(-1)

@@ -61,7 +61,8 @@ def features(model, frames, max_clips):
     C, T, size = *frames.shape[:2], model.cfg.encoder.image_size
     x = preprocess(frames.flatten(0, 1), size)  # (C*T, 3, S, S)
     pixels = F.adaptive_avg_pool2d(x, 8)  # (C*T, 3, 8, 8)
-    motion = motion_costs(x.view(C, T, *x.shape[1:]), model.cfg.encoder.patch_size).mean((2, 3))  # (C, T/2, K)
+    motion = motion_costs(x.view(C, T, *x.shape[1:]), model.cfg.encoder.patch_size, model.cfg.tubelet)
+    motion = motion.mean((2, 3))  # (C, T / tubelet, K): over the frame
     grid = model.encode_frames(frames)  # (C, T, h, w, Dv)
     pooled = F.adaptive_avg_pool2d(grid.flatten(0, 1).permute(0, 3, 1, 2), 2)  # (C*T, Dv, 2, 2)
     tokens = model.encode_video(grid=grid)  # (C, L, D)

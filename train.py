@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from apollo import Apollo
+from apollo import ADDED_KEYS, Apollo
 from config import (PRESETS, SCHEDULES, STAGES, Config, ConfigError, barrier, config_from_args, model_config, setup,
                     stage_steps)
 from data import DataError, make_world
@@ -292,8 +292,6 @@ def save_checkpoint(path, model, opt, stage, step, cfg):
 MODEL_KEYS = ["vision", "motion", "image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads",
               "tokens_per_frame", "resampler", "resampler_layers", "lm_dim", "lm_layers", "lm_heads", "lm_smear",
               "vocab_size", "frames_per_clip"]
-# keys added after checkpoints were written, each with the value a checkpoint without it was trained with
-ADDED_KEYS = {"motion": False, "lm_smear": False}
 # encoders.pt holds the towers and their text tower only: a run with another connector or LM may start from it
 ENCODER_KEYS = ["vision", "motion", "image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads", "vocab_size",
                 "frames_per_clip", "contrastive_loss", "video_objective"]
