@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from encoders import EncoderConfig, ImageEncoder, VideoEncoder, fuse_grids, preprocess
+from encoders import EncoderConfig, ImageEncoder, VideoEncoder, fuse_grids, motion_costs, motion_shifts, preprocess
 from integrate import EOS, IGNORE, VIDEO, Tokenizer, build_sample, format_mc, option_answers, video_tokens
 from layers import Block, RMSNorm, causal_mask, rope_tables
 from resampler import Projector, ResamplerConfig, make_resampler
@@ -42,9 +42,11 @@ class ApolloConfig:
     frames_per_clip: int = 4
     vision: str = "image"  # image | video | image+video: which encoders see the clip (Apollo: both, fused)
     tubelet: int = 2       # frames per video-encoder tubelet
+    motion_stream: bool = False  # the motion costs join the fused grid as a third stream (Apollo.encode_frames)
 
 
 VISIONS = ["image", "video", "image+video"]
+MOTION_SCALE = 5.0  # the motion stream's costs times this: their std over patches is 0.13-0.22 in our world
 
 
 class LM(nn.Module):
@@ -81,7 +83,8 @@ class Apollo(nn.Module):
             raise ValueError(f"vision must be one of {VISIONS}, got {cfg.vision!r}")
         self.image_encoder = ImageEncoder(cfg.encoder) if "image" in cfg.vision else None
         self.video_encoder = VideoEncoder(cfg.encoder, cfg.tubelet) if "video" in cfg.vision else None
-        self.projector = Projector(cfg.encoder.dim * len(self.encoders()), cfg.lm.dim)
+        motion_dim = len(motion_shifts(cfg.encoder.patch_size)) if cfg.motion_stream else 0
+        self.projector = Projector(cfg.encoder.dim * len(self.encoders()) + motion_dim, cfg.lm.dim)
         self.resampler = make_resampler(cfg.resampler, cfg.lm.dim, cfg.frames_per_clip)
         self.lm = LM(cfg.lm)
         self.apply(init_weights)
@@ -103,11 +106,17 @@ class Apollo(nn.Module):
 
     def encode_frames(self, frames):
         """uint8 frames (C, T, H, W, 3) of C clips -> the encoders' fused feature grid (C, T, h, w, Dv): with both
-        encoders, the video encoder's (C, T / tubelet, h, w, D) grid is interpolated to the image encoder's."""
+        encoders, the video encoder's (C, T / tubelet, h, w, D) grid is interpolated to the image encoder's. With
+        cfg.motion_stream, the motion costs of each tubelet (encoders.motion_costs, K numbers a patch) are a third
+        stream, fused the same way: the two-stream idea (Simonyan & Zisserman 2014, appearance beside optical flow),
+        so that the camera's motion reaches the connector whatever the towers make of it."""
         C, T = frames.shape[:2]
         x = preprocess(frames.flatten(0, 1), self.cfg.encoder.image_size)  # (C*T, 3, S, S)
         x = x.view(C, T, *x.shape[1:])  # (C, T, 3, S, S)
-        return fuse_grids([encoder(x) for encoder in self.encoders()])  # (C, T, h, w, Dv)
+        grids = [encoder(x) for encoder in self.encoders()]  # (C, T_i, h, w, D) each
+        if self.cfg.motion_stream:  # scaled near the unit scale of the towers. normed features
+            grids.append(MOTION_SCALE * motion_costs(x, self.cfg.encoder.patch_size, self.cfg.tubelet))
+        return fuse_grids(grids)  # (C, T, h, w, Dv)
 
     def encode_video(self, frames=None, grid=None):
         """frames (C, T, H, W, 3) uint8, or the grid encode_frames made of them (a stage whose encoder is frozen
@@ -207,7 +216,7 @@ def generate(model, ids, frames=None, max_new=60):
 
 # flat config keys added after checkpoints had been written, each with the value a checkpoint without it was trained
 # with: an old run still loads, and one that differs is refused by name (train.load_checkpoint)
-ADDED_KEYS = {"vision": "image", "resampler": "perceiver", "motion": False, "lm_smear": False}
+ADDED_KEYS = {"vision": "image", "resampler": "perceiver", "motion": False, "lm_smear": False, "motion_stream": False}
 
 
 def config_from_flat(c, vocab_size):
@@ -218,7 +227,7 @@ def config_from_flat(c, vocab_size):
                               c["motion"]),
         resampler=ResamplerConfig(c["tokens_per_frame"], c["resampler_layers"], c["lm_heads"], c["resampler"]),
         lm=LMConfig(vocab_size, c["lm_dim"], c["lm_layers"], c["lm_heads"], c["lm_smear"]),
-        frames_per_clip=c["frames_per_clip"], vision=c["vision"])
+        frames_per_clip=c["frames_per_clip"], vision=c["vision"], motion_stream=c["motion_stream"])
 
 
 def init_weights(m):

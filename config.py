@@ -68,6 +68,7 @@ class Config:
     vit_heads: int = 4
     vision: str = "image+video"  # image | video | image+video: the encoders (both: grids fused, Apollo §4.2)
     motion: bool = True         # the video encoder also gets motion costs (encoders.motion_costs, a correlation layer)
+    motion_stream: bool = False  # the motion costs also join the fused grid beside the towers' (Apollo.encode_frames)
     tokens_per_frame: int = 8
     resampler: str = "perceiver"  # perceiver | mlp_pool | conv_pool (Table 1's connector comparison)
     resampler_layers: int = 2

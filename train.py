@@ -289,7 +289,7 @@ def save_checkpoint(path, model, opt, stage, step, cfg):
     os.replace(tmp, path)
 
 
-MODEL_KEYS = ["vision", "motion", "image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads",
+MODEL_KEYS = ["vision", "motion", "motion_stream", "image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads",
               "tokens_per_frame", "resampler", "resampler_layers", "lm_dim", "lm_layers", "lm_heads", "lm_smear",
               "vocab_size", "frames_per_clip"]
 # encoders.pt holds the towers and their text tower only: a run with another connector or LM may start from it

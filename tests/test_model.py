@@ -7,8 +7,9 @@ import random
 import torch
 import torch.nn.functional as F
 
-from apollo import Apollo, ApolloConfig, LMConfig, answer_mc, effective_rank, option_logprobs, visual_spread
-from encoders import EncoderConfig, ImageEncoder, preprocess
+from apollo import (MOTION_SCALE, Apollo, ApolloConfig, LMConfig, answer_mc, effective_rank, option_logprobs,
+                    visual_spread)
+from encoders import EncoderConfig, ImageEncoder, motion_costs, motion_shifts, preprocess
 from integrate import (BOS, EOS, IGNORE, PAD, SPECIALS, VID_END, VID_START, VIDEO, Tokenizer, build_sample, format_mc,
                        mc_answer, option_answers, video_tokens)
 from resampler import PerceiverResampler, PoolResampler, Projector, ResamplerConfig, pool_shape
@@ -239,3 +240,24 @@ def test_each_vision_choice_feeds_the_lm_and_learns():
         for encoder in model.encoders():
             assert encoder.patch_embed.weight.grad.abs().sum() > 0, vision
     assert Apollo(ApolloConfig(vision="image+video")).video_encoder is not None
+
+
+def test_the_motion_stream_brings_the_camera_pan_into_the_fused_grid():
+    """--motion_stream: the motion costs of each tubelet join the fused grid as channels of their own (x MOTION_SCALE),
+    so the pan is there for the connector whatever the towers learned; without it the grid is the towers' alone."""
+    texture = torch.randint(0, 256, (96, 96, 3), dtype=torch.uint8).repeat_interleave(4, 0).repeat_interleave(4, 1)
+    shifts = motion_shifts(8)
+    for pan in [(8, 0), (-8, 0), (0, 4), (0, -12)]:
+        frames = torch.stack([texture[100 + y:132 + y, 100 + x:132 + x] for k in range(2)
+                              for x, y in ((0, 0), pan)])[None]  # (1, 4, 32, 32, 3): two tubelets, each panned
+        for stream in (True, False):
+            model = Apollo(ApolloConfig(EncoderConfig(32, 8, 16, 1, 2), ResamplerConfig(2, 1, 2),
+                                        LMConfig(300, 32, 1, 2, 256), frames_per_clip=4, motion_stream=stream))
+            grid = model.encode_frames(frames)  # (1, 4, 4, 4, 16 + 13 with the stream)
+            assert grid.shape == (1, 4, 4, 4, 16 + 13 * stream)
+            assert model.projector.net[0].in_features == grid.shape[-1]
+            if stream:
+                costs = grid[..., 16:] / MOTION_SCALE  # (1, 4, 4, 4, 13)
+                x = preprocess(frames.flatten(0, 1), 32).view(1, 4, 3, 32, 32)
+                assert torch.allclose(costs[:, [0, 3]], motion_costs(x, 8), atol=1e-5)  # 2 tubelets, 4 frames
+                assert (costs.mean((2, 3)).argmin(-1) == shifts.index(pan)).all()  # every frame says which way
