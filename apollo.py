@@ -114,7 +114,7 @@ class Apollo(nn.Module):
         x = preprocess(frames.flatten(0, 1), self.cfg.encoder.image_size)  # (C*T, 3, S, S)
         x = x.view(C, T, *x.shape[1:])  # (C, T, 3, S, S)
         grids = [encoder(x) for encoder in self.encoders()]  # (C, T_i, h, w, D) each
-        if self.cfg.motion_stream:  # scaled near the unit scale of the towers. normed features
+        if self.cfg.motion_stream:  # scaled near the towers' (normed) unit scale
             grids.append(MOTION_SCALE * motion_costs(x, self.cfg.encoder.patch_size, self.cfg.tubelet))
         return fuse_grids(grids)  # (C, T, h, w, Dv)
 
