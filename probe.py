@@ -2,7 +2,7 @@
 What reaches the LM: linear probes of the scene's facts from a trained run's features. A diagnostic beside Apollo
 §4.2-4.3, which compare encoders and connectors by the whole model's score alone.
 
-    python probe.py --ckpt=out/sft.pt                 # five facts, three feature sets, our world's train/test videos
+    python probe.py --ckpt=out/sft.pt                 # five facts, four feature sets, our world's train/test videos
     python probe.py --ckpt=out/sft.pt --json=probe.json
 
 Each video of the run's world, sampled as the run samples it, gives four feature vectors: its pixels (each frame
@@ -13,6 +13,10 @@ script, a linear classifier learns on the training videos and is scored on the t
 commonest answer. A fact the grid carries and the tokens do not was lost by the connector; one the pixels or the
 motion costs carry and the grid does not, by the encoders; one that none carries linearly may still be there, in a
 form a linear probe cannot read.
+
+A second table asks: each video's benchmark question about four of the facts (as questions.questions_for draws
+them), and the same kind of probe of its answer from the connector's tokens and from the LM's state at the position
+where it starts to answer, after each block. A fact the tokens carry and that state does not, the LM did not read.
 """
 import json
 import os
@@ -21,9 +25,13 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import numpy as np
+
 from bench import load_run
 from data import make_world
 from encoders import motion_costs, preprocess
+from integrate import build_sample, format_mc, video_tokens
+from questions import questions_for
 from samples import decode_video, world_config
 from sampling import VideoError
 
@@ -35,6 +43,9 @@ FACTS = {  # fact -> its value in a scene script
     "characters": lambda s: len(s["glyphs"]),                                        # how many characters flash
 }
 FEATURES = ["pixels", "motion", "grid", "tokens"]
+ASKED = {  # fact -> the benchmark's questions that ask it (questions.questions_for's templates)
+    "objects": ("count_objects",), "camera": ("camera_direction", "camera_first"), "colour": ("color",),
+    "characters": ("count_chars",)}
 
 
 def linear_probe(x_train, y_train, x_test, steps=200, weight_decay=1e-2, lr=1e-2, seed=0):
@@ -73,9 +84,55 @@ def features(model, frames, max_clips):
     return out
 
 
+@torch.no_grad()
+def answer_states(model, tok, cfg, frames, clips, question):
+    """The LM's state where it starts to answer question (a benchmark question dict) about a video, after each
+    block: {"answer L": (D,)}. A fact the tokens carry and these states do not, the LM did not read."""
+    video = video_tokens(tok, clips, model.tokens_per_clip, cfg.integration)
+    ids = build_sample(tok, [(format_mc(question["question"], question["options"]), "")], video)[0][:-1]
+    states = []
+    hooks = [block.register_forward_hook(lambda m, a, out: states.append(out[0, -1])) for block in model.lm.blocks]
+    try:
+        model(torch.tensor([ids], device=frames.device), frames)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {f"answer {k}": x.float() for k, x in enumerate(states)}
+
+
+def probe_answers(model, tok, cfg, rows, seed):
+    """{fact: {"n": test questions, "commonest": share, "tokens": acc, "answer 0": acc, ...}}: each video's question
+    of ASKED[fact] (drawn as the world draws them), its answer read from the connector's tokens and from the LM's
+    state at the answer's first position after each block, fitted on the training videos' questions."""
+    result = {}
+    for fact, templates in ASKED.items():
+        data = {"train": [], "test": []}
+        for split, videos in rows.items():
+            for i, (s, f, frames, clips) in enumerate(videos):
+                asked = [q for qs in questions_for(s, np.random.default_rng([seed, 7, i])).values() for q in qs
+                         if q["template"] in templates]
+                if asked:
+                    q = asked[0]
+                    answer = q["options"][ord(q["answer"]) - 65]
+                    data[split].append((answer, {"tokens": f["tokens"],
+                                                 **answer_states(model, tok, cfg, frames, clips, q)}))
+        if not data["train"] or not data["test"]:
+            continue
+        classes = sorted({a for v in data.values() for a, _ in v})
+        y = {k: torch.tensor([classes.index(a) for a, _ in v]) for k, v in data.items()}
+        common = max(classes, key=[a for a, _ in data["train"]].count)
+        result[fact] = {"n": len(data["test"]),
+                        "commonest": round([a for a, _ in data["test"]].count(common) / len(data["test"]), 3)}
+        for name in data["train"][0][1]:
+            x = {k: torch.stack([f[name] for _, f in v]).cpu() for k, v in data.items()}
+            result[fact][name] = round(float((linear_probe(x["train"], y["train"], x["test"]) == y["test"])
+                                             .float().mean()), 3)
+    return result
+
+
 def probe_run(ckpt, device="cpu", log=print):
     """{fact: {"commonest": share, feature: test accuracy, ...}, "videos": {"train": n, "test": n}} for a run."""
-    model, _, cfg, env = load_run(ckpt, device)
+    model, tok, cfg, env = load_run(ckpt, device)
     model.eval()
     if cfg.data:
         raise SystemExit(f"error: {ckpt} was trained on {cfg.data}: probing needs our world's scene scripts")
@@ -89,23 +146,25 @@ def probe_run(ckpt, device="cpu", log=print):
         if split not in rows:
             continue
         try:
-            frames, _ = decode_video(os.path.join(world, "videos", s["name"] + ".mp4"), cfg)
+            frames, clips = decode_video(os.path.join(world, "videos", s["name"] + ".mp4"), cfg)
         except VideoError as e:
             log(f"warning: skipping {e}")
             continue
-        rows[split].append((s, features(model, frames.to(env["device"]), max_clips)))
+        frames = frames.to(env["device"])
+        rows[split].append((s, features(model, frames, max_clips), frames, clips))
     log(f"probing {len(rows['train'])} training and {len(rows['test'])} test videos of {world}")
     result = {"videos": {k: len(v) for k, v in rows.items()}}
     for fact, value_of in FACTS.items():
-        values = {k: [str(value_of(s)) for s, _ in v] for k, v in rows.items()}
+        values = {k: [str(value_of(s)) for s, *_ in v] for k, v in rows.items()}
         classes = sorted(set(values["train"]) | set(values["test"]))
         y = {k: torch.tensor([classes.index(c) for c in v]) for k, v in values.items()}
         common = max(classes, key=values["train"].count)  # the commonest training answer, said of every test video
         result[fact] = {"commonest": round(values["test"].count(common) / len(values["test"]), 3)}
         for name in FEATURES:
-            x = {k: torch.stack([f[name] for _, f in v]).cpu() for k, v in rows.items()}
+            x = {k: torch.stack([f[name] for _, f, *_ in v]).cpu() for k, v in rows.items()}
             guess = linear_probe(x["train"], y["train"], x["test"])
             result[fact][name] = round(float((guess == y["test"]).float().mean()), 3)
+    result["asked"] = probe_answers(model, tok, cfg, rows, cfg.seed)
     return result
 
 
@@ -114,6 +173,14 @@ def table(result):
     for fact in FACTS:
         r = result[fact]
         lines.append(f"| {fact} | {r['commonest']:.3f} | " + " | ".join(f"{r[n]:.3f}" for n in FEATURES) + " |")
+    asked = result.get("asked") or {}
+    if asked:
+        names = [n for n in next(iter(asked.values())) if n not in ("n", "commonest")]
+        lines += ["", "| asked (test questions) | commonest answer | " + " | ".join(names) + " |",
+                  "|---|---|" + "---|" * len(names)]
+        for fact, r in asked.items():
+            lines.append(f"| {fact} ({r['n']}) | {r['commonest']:.3f} | " + " | ".join(f"{r[n]:.3f}" for n in names)
+                         + " |")
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ import probe
 import train
 from apollo import Apollo
 from config import config_from_args, model_config
+from integrate import Tokenizer, build_sample, format_mc, video_tokens
 
 
 def test_linear_probe_reads_a_linear_fact_and_not_noise():
@@ -37,6 +38,9 @@ def test_probe_run_scores_every_fact_from_every_feature_set(tmp_path):
     common = max(sorted(set(counts), key=str), key=counts.count)  # the baseline: the commonest training answer
     test = [len(s["objects"]) for s in scenes if s["name"].startswith("test")]
     assert result["objects"]["commonest"] == round(test.count(common) / len(test), 3)
+    assert result["asked"] and set(result["asked"]) <= set(probe.ASKED)  # the LM's state where it starts to answer
+    for r in result["asked"].values():
+        assert {"n", "commonest", "tokens", "answer 0"} <= set(r) and all(0 <= r[k] <= 1 for k in r if k != "n")
     assert json.loads((tmp_path / "probe.json").read_text()) == result
     with pytest.raises(SystemExit, match="unknown option --ckpts"):
         probe.main([f"--ckpts={out / 'sft.pt'}"])
@@ -79,3 +83,22 @@ def test_motion_costs_read_the_camera_pan_where_pixels_do_not():
         x = torch.stack([r[name] for r in rows])
         score[name] = float((probe.linear_probe(x[:120], y[:120], x[120:]) == y[120:]).float().mean())
     assert score["motion"] == 1.0 and score["pixels"] < 0.6, score
+
+
+def test_answer_states_are_what_the_lm_answers_from():
+    """The last block's state at the prompt's end is the one the LM's head turns into its first answer token."""
+    cfg = config_from_args(["--preset=smoke", "--device=cpu"])
+    torch.manual_seed(0)
+    model = Apollo(model_config(cfg, cfg.vocab_size)).eval()
+    tok = Tokenizer.train(["Which way did the camera move? left right up down (A) (B)"], cfg.vocab_size)
+    frames = torch.randint(0, 256, (2, cfg.frames_per_clip, 64, 64, 3), dtype=torch.uint8)  # two clips
+    clips = [(0.0, 3.0), (3.0, 6.0)]
+    question = {"question": "Which way did the camera move?", "options": ["left", "right", "up", "down"]}
+    states = probe.answer_states(model, tok, cfg, frames, clips, question)
+    assert list(states) == [f"answer {k}" for k in range(cfg.lm_layers)]
+    video = video_tokens(tok, clips, model.tokens_per_clip, cfg.integration)
+    ids = build_sample(tok, [(format_mc(question["question"], question["options"]), "")], video)[0][:-1]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), frames)[0][0, -1]
+        mine = model.lm.head(model.lm.norm(states[f"answer {cfg.lm_layers - 1}"]))
+    assert torch.allclose(mine, logits, atol=1e-5)
