@@ -46,7 +46,7 @@ class ApolloConfig:
 
 
 VISIONS = ["image", "video", "image+video"]
-MOTION_SCALE = 5.0  # the motion stream's costs times this: their std over patches is 0.13-0.22 in our world
+MOTION_SCALE = 5.0  # the motion stream's costs times this: their spread over patches is about 0.2 in our world
 
 
 class LM(nn.Module):

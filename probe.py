@@ -22,10 +22,9 @@ import json
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-
-import numpy as np
 
 from bench import load_run
 from data import make_world
@@ -84,6 +83,20 @@ def features(model, frames, max_clips):
     return out
 
 
+def scores(data):
+    """data {"train"|"test": [(answer, {feature: (F,) vector})]} -> {"commonest": the test share of the commonest
+    training answer, feature: test accuracy of a linear probe fitted on the training rows, ...}."""
+    classes = sorted({a for rows in data.values() for a, _ in rows})
+    y = {k: torch.tensor([classes.index(a) for a, _ in rows]) for k, rows in data.items()}
+    answers = {k: [a for a, _ in rows] for k, rows in data.items()}
+    common = max(classes, key=answers["train"].count)  # the commonest training answer, said of every test row
+    out = {"commonest": round(answers["test"].count(common) / len(answers["test"]), 3)}
+    for name in data["train"][0][1]:
+        x = {k: torch.stack([f[name] for _, f in rows]).cpu() for k, rows in data.items()}
+        out[name] = round(float((linear_probe(x["train"], y["train"], x["test"]) == y["test"]).float().mean()), 3)
+    return out
+
+
 @torch.no_grad()
 def answer_states(model, tok, cfg, frames, clips, question):
     """The LM's state where it starts to answer question (a benchmark question dict) about a video, after each
@@ -104,30 +117,16 @@ def probe_answers(model, tok, cfg, rows, seed):
     """{fact: {"n": test questions, "commonest": share, "tokens": acc, "answer 0": acc, ...}}: each video's question
     of ASKED[fact] (drawn as the world draws them), its answer read from the connector's tokens and from the LM's
     state at the answer's first position after each block, fitted on the training videos' questions."""
-    result = {}
-    for fact, templates in ASKED.items():
-        data = {"train": [], "test": []}
-        for split, videos in rows.items():
-            for i, (s, f, frames, clips) in enumerate(videos):
-                asked = [q for qs in questions_for(s, np.random.default_rng([seed, 7, i])).values() for q in qs
-                         if q["template"] in templates]
-                if asked:
-                    q = asked[0]
-                    answer = q["options"][ord(q["answer"]) - 65]
-                    data[split].append((answer, {"tokens": f["tokens"],
-                                                 **answer_states(model, tok, cfg, frames, clips, q)}))
-        if not data["train"] or not data["test"]:
-            continue
-        classes = sorted({a for v in data.values() for a, _ in v})
-        y = {k: torch.tensor([classes.index(a) for a, _ in v]) for k, v in data.items()}
-        common = max(classes, key=[a for a, _ in data["train"]].count)
-        result[fact] = {"n": len(data["test"]),
-                        "commonest": round([a for a, _ in data["test"]].count(common) / len(data["test"]), 3)}
-        for name in data["train"][0][1]:
-            x = {k: torch.stack([f[name] for _, f in v]).cpu() for k, v in data.items()}
-            result[fact][name] = round(float((linear_probe(x["train"], y["train"], x["test"]) == y["test"])
-                                             .float().mean()), 3)
-    return result
+    data = {fact: {"train": [], "test": []} for fact in ASKED}
+    for split, videos in rows.items():
+        for i, (s, f, frames, clips) in enumerate(videos):
+            drawn = [q for qs in questions_for(s, np.random.default_rng([seed, 7, i])).values() for q in qs]
+            for fact, templates in ASKED.items():
+                q = next((q for q in drawn if q["template"] in templates), None)
+                if q is not None:
+                    states = answer_states(model, tok, cfg, frames, clips, q)
+                    data[fact][split].append((q["options"][ord(q["answer"]) - 65], {"tokens": f["tokens"], **states}))
+    return {fact: {"n": len(d["test"]), **scores(d)} for fact, d in data.items() if d["train"] and d["test"]}
 
 
 def probe_run(ckpt, device="cpu", log=print):
@@ -155,15 +154,7 @@ def probe_run(ckpt, device="cpu", log=print):
     log(f"probing {len(rows['train'])} training and {len(rows['test'])} test videos of {world}")
     result = {"videos": {k: len(v) for k, v in rows.items()}}
     for fact, value_of in FACTS.items():
-        values = {k: [str(value_of(s)) for s, *_ in v] for k, v in rows.items()}
-        classes = sorted(set(values["train"]) | set(values["test"]))
-        y = {k: torch.tensor([classes.index(c) for c in v]) for k, v in values.items()}
-        common = max(classes, key=values["train"].count)  # the commonest training answer, said of every test video
-        result[fact] = {"commonest": round(values["test"].count(common) / len(values["test"]), 3)}
-        for name in FEATURES:
-            x = {k: torch.stack([f[name] for _, f, *_ in v]).cpu() for k, v in rows.items()}
-            guess = linear_probe(x["train"], y["train"], x["test"])
-            result[fact][name] = round(float((guess == y["test"]).float().mean()), 3)
+        result[fact] = scores({k: [(str(value_of(s)), f) for s, f, *_ in v] for k, v in rows.items()})
     result["asked"] = probe_answers(model, tok, cfg, rows, cfg.seed)
     return result
 

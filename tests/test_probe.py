@@ -41,6 +41,8 @@ def test_probe_run_scores_every_fact_from_every_feature_set(tmp_path):
     assert result["asked"] and set(result["asked"]) <= set(probe.ASKED)  # the LM's state where it starts to answer
     for r in result["asked"].values():
         assert {"n", "commonest", "tokens", "answer 0"} <= set(r) and all(0 <= r[k] <= 1 for k in r if k != "n")
+    objects = result["asked"]["objects"]  # every video is asked how many objects it showed: the script's answer
+    assert objects["n"] == 8 and objects["commonest"] == result["objects"]["commonest"]
     assert json.loads((tmp_path / "probe.json").read_text()) == result
     with pytest.raises(SystemExit, match="unknown option --ckpts"):
         probe.main([f"--ckpts={out / 'sft.pt'}"])
