@@ -215,7 +215,7 @@ def generate(model, ids, frames=None, max_new=60):
 
 
 # flat config keys added after checkpoints had been written, each with the value a checkpoint without it was trained
-# with: an old run still loads, and one that differs is refused by name (train.load_checkpoint)
+# with: an old run still loads, and one that differs is refused by name (config.load_checkpoint)
 ADDED_KEYS = {"vision": "image", "resampler": "perceiver", "motion": False, "lm_smear": False, "motion_stream": False}
 
 

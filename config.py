@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from apollo import VISIONS, config_from_flat
+from apollo import ADDED_KEYS, VISIONS, config_from_flat
 from data import cpu_count
 from integrate import INTEGRATIONS
 from resampler import RESAMPLERS
@@ -271,3 +271,36 @@ def setup(cfg):
 def barrier(env):
     if env["world"] > 1:
         dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: plain state dicts (no compile prefix), refused when they come from another model config
+
+
+def save_checkpoint(path, model, opt, stage, step, cfg):
+    tmp = path + ".tmp"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "stage": stage, "step": step,
+                "config": asdict(cfg)}, tmp)
+    os.replace(tmp, path)
+
+
+# the config keys a checkpoint must share with the run that loads it; the rest (steps, rates, paths) may differ
+MODEL_KEYS = ["vision", "motion", "motion_stream", "image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads",
+              "tokens_per_frame", "resampler", "resampler_layers", "lm_dim", "lm_layers", "lm_heads", "lm_smear",
+              "vocab_size", "frames_per_clip"]
+# encoders.pt holds the towers and their text tower only: a run with another connector or LM may start from it
+ENCODER_KEYS = ["vision", "motion", "image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads", "vocab_size",
+                "frames_per_clip", "contrastive_loss", "video_objective"]
+LM_KEYS = ["lm_dim", "lm_layers", "lm_heads", "lm_smear", "vocab_size"]  # lm.pt, for --lm_from
+
+
+def load_checkpoint(path, cfg, keys=MODEL_KEYS):
+    """A checkpoint, refused by name when one of keys differs from cfg's (an old run lacks a key added since:
+    apollo.ADDED_KEYS gives what it trained with)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    saved = {**ADDED_KEYS, **ckpt["config"]}
+    diff = {k: (saved.get(k), getattr(cfg, k)) for k in keys if saved.get(k) != getattr(cfg, k)}
+    if diff:
+        raise ConfigError(f"{path} was trained with another model config: " +
+                          ", ".join(f"{k}={a} there, {b} here" for k, (a, b) in diff.items()))
+    return ckpt

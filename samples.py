@@ -8,7 +8,7 @@ to the samples of the stages of Apollo §5 and Appendix C, and the multiple-choi
 - the items: a question's turn (`mc_turn`), a video's questions as one conversation, its caption, the
   caption standing for the video in text-only samples (`described`), and `stage_items`, what each stage
   is fed: lm plain text, drills and unrendered scripts; align and vision captions; sft questions, some
-  captions and some text.
+  captions and some text. `get_tokenizer` learns the run's tokenizer from the same texts.
 """
 import functools
 import os
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from data import load_jsonl
-from integrate import IGNORE, PAD, build_sample, format_mc, mc_answer, option_answers, video_tokens
+from integrate import IGNORE, PAD, Tokenizer, build_sample, format_mc, mc_answer, option_answers, video_tokens
 from questions import copy_drills, describe_span, reading_drills, script_texts
 from sampling import VideoError, sample_clips
 from scene import WorldConfig
@@ -254,6 +254,24 @@ def turns_of(c):
             turns.append((human, t["value"]))
             human = None
     return turns
+
+
+def get_tokenizer(cfg, world):
+    """The run's tokenizer (out_dir/tokenizer.json): --lm_from's, or merges learned from the world's training
+    captions, questions and answers as the model will read them."""
+    path = os.path.join(cfg.out_dir, "tokenizer.json")
+    if os.path.exists(path):
+        return Tokenizer.load(path)
+    if cfg.lm_from:  # the LM we start from reads the tokens of its own tokenizer
+        tok = Tokenizer.load(os.path.join(cfg.lm_from, "tokenizer.json"))
+        tok.save(path)
+        return tok
+    questions, conversations = split_rows(world, "train")
+    texts = [answer for c in conversations for _, answer in turns_of(c)]
+    texts += [format_mc(q["question"], q["options"]) + mc_answer(q["options"], q["answer"]) for q in questions]
+    tok = Tokenizer.train(texts, cfg.vocab_size)
+    tok.save(path)
+    return tok
 
 
 def caption_item(c, root):

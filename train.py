@@ -37,15 +37,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from apollo import ADDED_KEYS, Apollo
-from config import (PRESETS, SCHEDULES, STAGES, Config, ConfigError, barrier, config_from_args, model_config, setup,
-                    stage_steps)
+from apollo import Apollo
+from config import (ENCODER_KEYS, LM_KEYS, PRESETS, SCHEDULES, STAGES, Config, ConfigError, barrier,
+                    config_from_args, load_checkpoint, model_config, save_checkpoint, setup, stage_steps)
 from data import DataError, make_world
 from encoders import Pretraining
 from evaluate import score_test_split, spread_of, spread_text, summary
-from integrate import IGNORE, PAD, Tokenizer, format_mc, mc_answer
-from samples import (Samples, TrainingError, batches, by_length, collate, split_rows, stage_items, to_device, turns_of,
-                     world_config)
+from integrate import IGNORE, PAD
+from samples import (Samples, TrainingError, batches, by_length, collate, get_tokenizer, split_rows, stage_items,
+                     to_device, turns_of, world_config)
 from sampling import VideoError
 
 
@@ -261,69 +261,13 @@ def pretrain_encoders(model, world, tok, cfg, env, cache):
     return result
 
 
-LM_KEYS = ["lm_dim", "lm_layers", "lm_heads", "lm_smear", "vocab_size"]
-
-
 def load_lm(model, cfg):
     """--lm_from: the LM of another run's lm.pt (its vision side may differ: only the LM's weights are taken)."""
     path = os.path.join(cfg.lm_from, "lm.pt")
     if not os.path.exists(path):
         raise ConfigError(f"--lm_from={cfg.lm_from}: no lm.pt there (run its stage lm first)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    saved = {**ADDED_KEYS, **ckpt["config"]}
-    diff = {k: (saved.get(k), getattr(cfg, k)) for k in LM_KEYS if saved.get(k) != getattr(cfg, k)}
-    if diff:
-        raise ConfigError(f"{path} holds another LM: " +
-                          ", ".join(f"{k}={a} there, {b} here" for k, (a, b) in diff.items()))
+    ckpt = load_checkpoint(path, cfg, LM_KEYS)
     model.lm.load_state_dict({k[3:]: v for k, v in ckpt["model"].items() if k.startswith("lm.")})
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints: plain state dicts (no compile prefix), refused when they come from another model config
-
-
-def save_checkpoint(path, model, opt, stage, step, cfg):
-    tmp = path + ".tmp"
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "stage": stage, "step": step,
-                "config": asdict(cfg)}, tmp)
-    os.replace(tmp, path)
-
-
-MODEL_KEYS = ["vision", "motion", "motion_stream", "image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads",
-              "tokens_per_frame", "resampler", "resampler_layers", "lm_dim", "lm_layers", "lm_heads", "lm_smear",
-              "vocab_size", "frames_per_clip"]
-# encoders.pt holds the towers and their text tower only: a run with another connector or LM may start from it
-ENCODER_KEYS = ["vision", "motion", "image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads", "vocab_size",
-                "frames_per_clip", "contrastive_loss", "video_objective"]
-
-
-def load_checkpoint(path, cfg, keys=MODEL_KEYS):
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    saved = {**ADDED_KEYS, **ckpt["config"]}
-    diff = {k: (saved.get(k), getattr(cfg, k)) for k in keys if saved.get(k) != getattr(cfg, k)}
-    if diff:
-        raise ConfigError(f"{path} was trained with another model config: " +
-                          ", ".join(f"{k}={a} there, {b} here" for k, (a, b) in diff.items()))
-    return ckpt
-
-
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def get_tokenizer(cfg, world):
-    path = os.path.join(cfg.out_dir, "tokenizer.json")
-    if os.path.exists(path):
-        return Tokenizer.load(path)
-    if cfg.lm_from:  # the LM we start from reads the tokens of its own tokenizer
-        tok = Tokenizer.load(os.path.join(cfg.lm_from, "tokenizer.json"))
-        tok.save(path)
-        return tok
-    questions, conversations = split_rows(world, "train")
-    texts = [answer for c in conversations for _, answer in turns_of(c)]
-    texts += [format_mc(q["question"], q["options"]) + mc_answer(q["options"], q["answer"]) for q in questions]
-    tok = Tokenizer.train(texts, cfg.vocab_size)
-    tok.save(path)
-    return tok
 
 
 def main(argv):
