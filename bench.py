@@ -89,7 +89,7 @@ def ask(model, tok, cfg, env, items, mode):
 def mc_items(jsonl):
     """Multiple-choice items of a JSONL file (ours or a user's), videos relative to it."""
     root = os.path.dirname(os.path.abspath(jsonl))
-    return [dict(samples.mc_item(q, root), eval=True, id=q.get("id")) for q in load_jsonl(jsonl)]
+    return [dict(samples.mc_item(q, root), eval=True) for q in load_jsonl(jsonl)]
 
 
 def evaluate_modes(ckpt, jsonl=None, modes=EVAL_MODES, device="auto", log=print):

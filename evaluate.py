@@ -8,6 +8,7 @@ tokens: its priors and the question alone) and with the video's caption as text 
 what the LM makes of what it would see). The gaps between the three are what watching adds and what seeing loses.
 """
 import dataclasses
+import os
 
 import numpy as np
 import torch
@@ -48,9 +49,10 @@ def score(items, right):
 
 
 def evaluate(model, dataset, cfg, env):
-    """Accuracy of the model's letter choices on multiple-choice items, overall and per category."""
-    choices = predict(model, dataset, cfg, env)
-    return score(dataset.items, [c == ord(it["answer"]) - 65 for c, it in zip(choices, dataset.items)])
+    """Accuracy of the model's letter choices on multiple-choice items, overall and per category, and the letters
+    ("choices": one per item)."""
+    choices = [chr(65 + c) for c in predict(model, dataset, cfg, env)]
+    return dict(score(dataset.items, [c == it["answer"] for c, it in zip(choices, dataset.items)]), choices=choices)
 
 
 def spread_of(model, dataset, env, n=64):
@@ -74,7 +76,9 @@ def spread_text(spread):
 
 
 def score_test_split(model, world, tok, cfg, env):
-    """The test split of world scored three ways: with the video (the headline), without it, with the caption."""
+    """The test split of world scored three ways: with the video (the headline), without it, with the caption;
+    "answers" holds each question's letter in each way (train.py writes them to answers.jsonl, eval.json the rest).
+    Two runs on one world answer the same questions, so their answers compare question by question."""
     test = [dict(mc_item(q, world), eval=True) for q in split_rows(world, "test")[0]]
     if not test:
         raise DataError(f"{world}/test.jsonl: no multiple-choice questions to score (the file is missing or holds "
@@ -84,17 +88,23 @@ def score_test_split(model, world, tok, cfg, env):
     skipped = test.warm(env["workers"], cfg.max_bad_share, env["log"])
     result = dict(evaluate(model, test, cfg, env), skipped_videos=skipped, visual_spread=spread_of(model, test, env))
 
-    def asked(items):  # the headline's accuracy on another form of the same questions
+    chosen = {"with_video": result.pop("choices")}
+
+    def asked(items, mode):  # the headline's accuracy on another form of the same questions
         r = evaluate(model, Samples(items, tok, cfg, model.tokens_per_clip), cfg, env)
+        chosen[mode] = r["choices"]
         return {"overall": r["overall"], "categories": r["categories"]}
     # without the video (no visual tokens): what the model answers from the text and its priors alone; the gap
     # to "overall" is what watching the video adds
-    result["without_video"] = asked([dict(it, video=None) for it in test.items])
+    result["without_video"] = asked([dict(it, video=None) for it in test.items], "without_video")
     # with the video's caption, as text, in its place: perfect perception, so what the LM makes of what it sees;
     # the gap to "overall" is what the vision side loses (where every test video has a caption, as in our world)
     told = described_items(test.items, world)
     if told:
-        result["with_caption"] = asked(told)
+        result["with_caption"] = asked(told, "with_caption")
+    result["answers"] = [{"id": it.get("id"), "video": os.path.relpath(it["video"], world), "category": it["category"],
+                          "shortcut": it.get("shortcut"), "answer": it["answer"],
+                          **{mode: letters[k] for mode, letters in chosen.items()}} for k, it in enumerate(test.items)]
     return result
 
 

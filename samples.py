@@ -203,7 +203,7 @@ def described(text, turns):
 
 def mc_item(q, root):
     """One multiple-choice question about its video: what evaluation scores."""
-    return {"video": os.path.join(root, q["video"]), "turns": [mc_turn(q)],
+    return {"id": q.get("id"), "video": os.path.join(root, q["video"]), "turns": [mc_turn(q)],
             "options": q["options"], "answer": q["answer"], "n_options": len(q["options"]),
             "category": q.get("category", "unknown"),
             "shortcut": q.get("shortcut")}

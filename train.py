@@ -20,7 +20,8 @@ Stages, in order (a stage whose checkpoint is in out_dir is reused, not re-run):
 (--schedule=2 drops vision, --schedule=1 also align, their steps going to the stage that replaces them.)
 Then the test split is scored: eval.json holds overall and per-category accuracy. The headline counts only
 questions not marked as shortcuts; eval.json carries the score with shortcuts too.
-Each run writes into out_dir: config.json, metrics.jsonl, tokenizer.json, one checkpoint per stage, eval.json.
+Each run writes into out_dir: config.json, metrics.jsonl, tokenizer.json, one checkpoint per stage, eval.json,
+answers.jsonl (each test question's letter with the video, without it, with the caption).
 Every field of a run, the presets and the command line are in config.py.
 """
 import contextlib
@@ -347,6 +348,8 @@ def run(cfg, env):
     result["minutes"] = round((time.perf_counter() - t_start) / 60, 2)
     if env["stopped"]:
         result["stopped_early"] = env["stopped"]  # the run's --max_minutes ended this stage at this step
+    with open(os.path.join(cfg.out_dir, "answers.jsonl"), "w") as f:  # each test question's letter, each way
+        f.writelines(json.dumps(row) + "\n" for row in result.pop("answers"))
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(summary(result))

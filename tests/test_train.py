@@ -50,6 +50,15 @@ def test_smoke_preset_runs_the_whole_pipeline_in_under_a_minute(tmp_path):
     assert [(r["stage"], r["step"]) for r in rows if "visual_spread" in r] == [("align", 2), ("vision", 2), ("sft", 3)]
     assert "visual tokens: effective rank" in run.stderr + run.stdout
     assert "with the caption instead" in run.stdout
+    # answers.jsonl: every test question's letter in each of the three ways, which give eval.json's figures
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    test = load_jsonl(next(data.glob("world-*")) / "test.jsonl")
+    assert [a["id"] for a in answers] == [q["id"] for q in test] and result["with_shortcuts"]["n"] == len(answers)
+    headline = [a for a in answers if not a["shortcut"]]
+    for mode, figure in [("with_video", result), ("without_video", result["without_video"]),
+                         ("with_caption", result["with_caption"])]:
+        assert round(sum(a[mode] == a["answer"] for a in headline) / len(headline), 4) == figure["overall"]
+    assert "answers" not in result and {a["with_video"] for a in answers} <= set("ABCD")
     # a second run reuses every stage's checkpoint and only evaluates
     again = subprocess.run([sys.executable, "train.py", "--preset=smoke", f"--out_dir={out}", f"--data_dir={data}"],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
