@@ -191,11 +191,17 @@ def mean_std(values):
 
 
 def summarise(results):
-    """variant -> {"overall": (mean, std), category: (mean, std), "n_seeds": n}."""
-    out = {}
-    for variant, runs in results.items():
+    """variant -> {"overall": (mean, std), category: (mean, std), "n_seeds": n, ...}. Two are paired: "video_adds",
+    each run's score less its own score without the video; "vs_first", each seed's score less the first variant's
+    on that seed. A seed's variants share its world and its LM, so what varies from world to world cancels in the
+    difference, and its std over seeds is the noise a difference between variants has to clear."""
+    out, first = {}, next(iter(results.values()), [])
+    for variant, runs in results.items():  # each variant's runs in seed order
         row = {"overall": mean_std([r["overall"] for r in runs]), "n_seeds": len(runs),
                "without_video": mean_std([r.get("without_video", {}).get("overall") for r in runs]),
+               "video_adds": mean_std([round(r["overall"] - r["without_video"]["overall"], 4) for r in runs
+                                       if "without_video" in r]),  # (4 decimals, as eval.json's scores)
+               "vs_first": mean_std([round(r["overall"] - f["overall"], 4) for r, f in zip(runs, first)]),
                "tokens_rank": mean_std([(r.get("visual_spread") or {}).get("tokens") for r in runs])}
         for c in CATEGORIES:
             row[c] = mean_std([r["categories"].get(c) for r in runs])
@@ -212,7 +218,7 @@ def r_squared(x, y):
 
 
 def report(name, summary, seeds, preset):
-    study = STUDIES[name]
+    study, first = STUDIES[name], next(iter(summary), "")
 
     def cell(ms):
         return "-" if ms[0] is None else f"{100 * ms[0]:.1f} +- {100 * ms[1]:.1f}"
@@ -221,13 +227,17 @@ def report(name, summary, seeds, preset):
              f"{seeds} seeds (the headline score: shortcut questions left out); without the video: the same model and "
              "questions, no visual tokens (what the text and the model's priors give); tokens rank: the effective "
              "rank, across test videos, of the connector's tokens (eval.json's visual_spread; near 1: the connector "
-             "has collapsed, the LM gets nearly the same tokens whatever the video); paper: ApolloBench overall.", "",
-             "| variant | overall | " + " | ".join(CATEGORIES) + " | without the video | tokens rank | paper |",
-             "|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|"]
+             "has collapsed, the LM gets nearly the same tokens whatever the video); paper: ApolloBench overall. "
+             "Paired, in points: the video adds: each run's score less its own without the video; vs the first: each "
+             f"seed's score less {first}'s on the same seed (same world, same LM), whose std is the noise a "
+             "difference between variants has to clear.", "",
+             "| variant | overall | " + " | ".join(CATEGORIES) + " | without the video | the video adds (paired) | "
+             f"vs {first} (paired) | tokens rank | paper |",
+             "|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|---|---|"]
     for variant, row in summary.items():
         paper, rank = study["paper"].get(variant), row["tokens_rank"]
         lines.append(f"| {variant} | **{cell(row['overall'])}** | " + " | ".join(cell(row[c]) for c in CATEGORIES)
-                     + f" | {cell(row['without_video'])} | "
+                     + f" | {cell(row['without_video'])} | {cell(row['video_adds'])} | {cell(row['vs_first'])} | "
                      + ("-" if rank[0] is None else f"{rank[0]:.2f} +- {rank[1]:.2f}")
                      + f" | {paper if paper is not None else ''} |")
     ranked = sorted(summary, key=lambda v: -summary[v]["overall"][0])
@@ -235,6 +245,12 @@ def report(name, summary, seeds, preset):
     spread = np.mean([summary[v]["overall"][1] for v in summary])
     lines += ["", f"Best here: {ranked[0]}; worst: {ranked[-1]}; the gap, {100 * gap:.1f} points, is "
               f"{gap / spread if spread else float('inf'):.1f} times the mean seed std ({100 * spread:.1f})."]
+    paired = [v for v in summary if v != first and summary[v]["vs_first"][1]]
+    if paired:  # the same gap, paired by seed: measured against the noise of a difference, not of a score
+        far = max(paired, key=lambda v: abs(summary[v]["vs_first"][0]) / summary[v]["vs_first"][1])
+        d, s = summary[far]["vs_first"]
+        lines.append(f"Paired by seed, the variant farthest from {first} is {far}: {100 * d:+.1f} +- {100 * s:.1f} "
+                     f"points, {abs(d) / s:.1f} times the std of its per-seed differences.")
     if study["paper"]:
         best_paper = max(study["paper"], key=study["paper"].get)
         lines.append(f"Best in the paper (of the variants run here): {best_paper}.")
