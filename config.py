@@ -1,7 +1,8 @@
 """
 The run's configuration: every field of a run with its default, the presets, and the command line that sets them
 (`python train.py --key=value`; DESIGN.md, the CLI contract). Apollo paper §5 and Appendix C for the stages and their
-schedules; the other fields name the paper's design choices (§4), each a knob `sweep.py` turns.
+schedules; the other fields name the paper's design choices (§4), each a knob `sweep.py` turns. Also the run's
+environment (device, bf16, compile, torchrun processes) and its checkpoints, each refused by a run of another config.
 
     from config import config_from_args
     cfg = config_from_args(["--preset=cpu", "--sft_steps=600"])   # a Config; unknown keys name the close matches
