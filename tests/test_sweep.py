@@ -47,7 +47,7 @@ def test_a_tiny_study_runs_caches_and_reports(tmp_path, monkeypatch):
     assert summary["perceiver"]["without_video"][0] == pytest.approx(sum(blind) / 2)
 
 
-def test_paired_differences_cancel_what_a_seed_shares():
+def test_paired_differences_cancel_what_a_seed_shares(monkeypatch):
     """Two variants whose seeds' scores swing together by 0.04 but differ by 0.01 on every seed: unpaired, the gap is
     under the seeds' std; paired by seed, it is exact. The video's share is each run's score less its own blind one."""
     def run(overall, blind):
@@ -58,12 +58,9 @@ def test_paired_differences_cancel_what_a_seed_shares():
     assert summary["second"]["overall"][1] == pytest.approx(0.04)  # the unpaired std swamps the 0.01 gap
     assert summary["second"]["vs_first"] == pytest.approx((0.01, 0.0)) and summary["first"]["vs_first"] == (0, 0)
     assert summary["first"]["video_adds"][0] == pytest.approx((0.01 + 0.0 + 0.04) / 3)
-    monkey = dict(sweep.STUDIES["resampler"], variants={"first": [], "second": []}, paper={})
-    sweep.STUDIES["_paired"] = monkey
-    try:
-        text = sweep.report("_paired", summary, 3, "study")
-    finally:
-        del sweep.STUDIES["_paired"]
+    monkeypatch.setitem(sweep.STUDIES, "pair", dict(sweep.STUDIES["resampler"], variants={"first": [], "second": []},
+                                                    paper={}))
+    text = sweep.report("pair", summary, 3, "study")
     assert "vs first (paired)" in text and "| 1.0 +- 0.0 |" in text and "the video adds (paired)" in text
     assert "Paired by seed" not in text  # no spread to measure a difference against: no ratio printed
 
