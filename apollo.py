@@ -101,8 +101,9 @@ class Apollo(nn.Module):
         """Start the visual tokens at the scale of the LM's word embeddings. The connector ends in an RMSNorm whose
         gain starts at 1, so each visual token would enter the LM several times larger than the words it has learned
         to read (in the default run, norm sqrt(D) = 11.3 against a median of 1.6); the gain is set to the embeddings'
-        RMS instead."""
-        self.resampler.norm.weight.fill_(self.lm.embed.weight.pow(2).mean().sqrt().item())
+        RMS instead (TokenBatchNorm's fixed scale, or RMSNorm's learned gain)."""
+        norm = self.resampler.norm
+        (norm.scale if hasattr(norm, "scale") else norm.weight).fill_(self.lm.embed.weight.pow(2).mean().sqrt().item())
 
     def encode_frames(self, frames):
         """uint8 frames (C, T, H, W, 3) of C clips -> the encoders' fused feature grid (C, T, h, w, Dv): with both
@@ -187,16 +188,24 @@ def effective_rank(x):
     return float(torch.exp(-(p * p.clamp_min(1e-30).log()).sum()))
 
 
+def video_share(x):
+    """x (N, F), one row per video -> the share of x's energy (sum of squares) that differs from video to video: 1
+    when the rows have no common part, near 0 when a part common to all of them dwarfs their differences."""
+    x = x.float()
+    return float((x - x.mean(0)).pow(2).sum() / x.pow(2).sum().clamp_min(1e-30))
+
+
 @torch.no_grad()
 def visual_spread(model, clips):
     """How much what the LM receives differs from video to video. clips (N, T, H, W, 3) uint8, one clip of each of N
-    videos -> the effective rank, across the videos, of the projected feature grids and of the connector's tokens.
-    A connector that has collapsed, giving nearly the same tokens whatever the video, shows a tokens rank near 1
-    while the grid's is several times higher: the LM cannot answer from the video what never reaches it."""
+    videos -> the effective rank, across the videos, of the projected feature grids and of the connector's tokens,
+    and the share of the tokens' energy that differs between videos. A connector that has collapsed shows a tokens
+    rank near 1 while the grid's is several times higher, or a share near 0 (the tokens one common vector plus a
+    sliver): the LM cannot answer from the video what never reaches it."""
     grid = model.projector(model.encode_frames(clips))  # (N, T, h, w, D)
     tokens = model.resampler(grid)  # (N, L, D)
     return {"grid": round(effective_rank(grid.flatten(1)), 2), "tokens": round(effective_rank(tokens.flatten(1)), 2),
-            "videos": len(clips)}
+            "share": round(video_share(tokens.flatten(1)), 4), "videos": len(clips)}
 
 
 @torch.no_grad()
@@ -216,7 +225,8 @@ def generate(model, ids, frames=None, max_new=60):
 
 # flat config keys added after checkpoints had been written, each with the value a checkpoint without it was trained
 # with: an old run still loads, and one that differs is refused by name (config.load_checkpoint)
-ADDED_KEYS = {"vision": "image", "resampler": "perceiver", "motion": False, "lm_smear": False, "motion_stream": False}
+ADDED_KEYS = {"vision": "image", "resampler": "perceiver", "motion": False, "lm_smear": False, "motion_stream": False,
+              "token_norm": "rms"}
 
 
 def config_from_flat(c, vocab_size):
@@ -225,7 +235,8 @@ def config_from_flat(c, vocab_size):
     return ApolloConfig(
         encoder=EncoderConfig(c["image_size"], c["patch_size"], c["vit_dim"], c["vit_layers"], c["vit_heads"],
                               c["motion"]),
-        resampler=ResamplerConfig(c["tokens_per_frame"], c["resampler_layers"], c["lm_heads"], c["resampler"]),
+        resampler=ResamplerConfig(c["tokens_per_frame"], c["resampler_layers"], c["lm_heads"], c["resampler"],
+                                  c["token_norm"]),
         lm=LMConfig(vocab_size, c["lm_dim"], c["lm_layers"], c["lm_heads"], c["lm_smear"]),
         frames_per_clip=c["frames_per_clip"], vision=c["vision"], motion_stream=c["motion_stream"])
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from apollo import ADDED_KEYS, VISIONS, config_from_flat
 from data import cpu_count
 from integrate import INTEGRATIONS
-from resampler import RESAMPLERS
+from resampler import RESAMPLERS, TOKEN_NORMS
 
 STAGES = ["lm", "align", "vision", "sft"]
 SCHEDULES = {3: STAGES, 2: ["lm", "align", "sft"], 1: ["lm", "sft"]}
@@ -73,6 +73,7 @@ class Config:
     tokens_per_frame: int = 8
     resampler: str = "perceiver"  # perceiver | mlp_pool | conv_pool (Table 1's connector comparison)
     resampler_layers: int = 2
+    token_norm: str = "batch"   # batch | rms: the connector's last step; rms lets the video fade (resampler.py)
     lm_dim: int = 128
     lm_layers: int = 4
     lm_heads: int = 4
@@ -194,6 +195,8 @@ def check_config(cfg):
         raise ConfigError(f"--num_frames={cfg.num_frames} must be a multiple of frames_per_clip={cfg.frames_per_clip}")
     if cfg.resampler not in RESAMPLERS:
         raise ConfigError(f"--resampler: {cfg.resampler!r} is not one of {RESAMPLERS}")
+    if cfg.token_norm not in TOKEN_NORMS:
+        raise ConfigError(f"--token_norm: {cfg.token_norm!r} is not one of {TOKEN_NORMS}")
     if cfg.contrastive_loss not in ("siglip", "clip") or cfg.video_objective not in ("contrastive", "masked"):
         raise ConfigError("--contrastive_loss must be siglip|clip and --video_objective contrastive|masked")
     if cfg.vision not in VISIONS:
@@ -287,8 +290,8 @@ def save_checkpoint(path, model, opt, stage, step, cfg):
 
 # the config keys a checkpoint must share with the run that loads it; the rest (steps, rates, paths) may differ
 MODEL_KEYS = ["vision", "motion", "motion_stream", "image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads",
-              "tokens_per_frame", "resampler", "resampler_layers", "lm_dim", "lm_layers", "lm_heads", "lm_smear",
-              "vocab_size", "frames_per_clip"]
+              "tokens_per_frame", "resampler", "resampler_layers", "token_norm", "lm_dim", "lm_layers", "lm_heads",
+              "lm_smear", "vocab_size", "frames_per_clip"]
 # encoders.pt holds the towers and their text tower only: a run with another connector or LM may start from it
 ENCODER_KEYS = ["vision", "motion", "image_size", "patch_size", "vit_dim", "vit_layers", "vit_heads", "vocab_size",
                 "frames_per_clip", "contrastive_loss", "video_objective"]

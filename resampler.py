@@ -8,6 +8,14 @@ its resolution. Flamingo's details are kept: the latents join the keys and value
 latents have their own norms, and a final norm closes the stack. Table 1 found the Perceiver best overall;
 its two baselines are here too (`--resampler=mlp_pool|conv_pool`): each frame's grid average-pooled to
 tokens_per_frame tokens, after the MLP alone or after a 3x3 convolution over the grid.
+
+The final norm is ours to choose (`--token_norm`), and it decides whether the video reaches the LM at all in a small
+run. Flamingo's (RMSNorm, "rms") scales each token to one norm; a connector whose LM cannot yet read the video then
+lowers its loss by growing a part common to every video (a soft prompt), and after the norm the part that tells
+videos apart shrinks to a sliver: 0.03% of the tokens' energy after our CPU run's `align`. "batch" (the default)
+takes the common part away: each number of each token is centred and scaled across the clips of the batch (batch
+normalisation, Ioffe & Szegedy 2015; running statistics at test time), so that all the LM receives is what differs
+from video to video, at the scale of its word embeddings (TokenBatchNorm).
 """
 from dataclasses import dataclass
 
@@ -19,6 +27,7 @@ from layers import Attention, RMSNorm, SwiGLU
 
 
 RESAMPLERS = ["perceiver", "mlp_pool", "conv_pool"]
+TOKEN_NORMS = ["batch", "rms"]
 
 
 @dataclass
@@ -27,6 +36,42 @@ class ResamplerConfig:
     n_layer: int = 2            # Perceiver layers
     n_head: int = 4
     kind: str = "perceiver"     # perceiver | mlp_pool | conv_pool (Table 1)
+    norm: str = "batch"         # batch | rms: the connector's last step (TokenBatchNorm, or Flamingo's RMSNorm)
+
+
+class TokenBatchNorm(nn.Module):
+    """(B, L, D) tokens of B clips -> the same, each of the L * D numbers centred and scaled across the clips: in
+    training by the batch's own mean and variance (which update running ones), in testing (or for a batch of one clip)
+    by the running ones. Each token is first scaled to unit RMS, so that eps is small beside what varies. The output's
+    scale is fixed (a buffer, set to the LM's word scale by Apollo.match_visual_scale), not learned: a learned gain is
+    one more way to turn the video down before the LM can use it."""
+
+    def __init__(self, tokens, dim, momentum=0.1, eps=1e-6):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("mean", torch.zeros(tokens, dim))
+        self.register_buffer("var", torch.ones(tokens, dim))
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("batches", torch.zeros(()))  # batches seen: the first 1 / momentum are averaged evenly
+
+    def forward(self, x):
+        x = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)  # (B, L, D), unit RMS per token
+        if self.training and x.size(0) > 1:
+            mean, var = x.mean(0), x.var(0, unbiased=False)  # (L, D): across the clips of the batch
+            with torch.no_grad():  # (a starting variance of 1 would linger far above a collapsed connector's 1e-4)
+                weight = (1 / (self.batches + 1)).clamp_min(self.momentum)
+                self.mean.lerp_(mean, weight)
+                self.var.lerp_(var * x.size(0) / (x.size(0) - 1), weight)
+                self.batches.add_(1)
+        else:
+            mean, var = self.mean, self.var
+        return self.scale * (x - mean) * torch.rsqrt(var + self.eps)  # (B, L, D)
+
+
+def token_norm(cfg: ResamplerConfig, dim, frames_per_clip):
+    if cfg.norm not in TOKEN_NORMS:
+        raise ValueError(f"token norm must be one of {TOKEN_NORMS}, got {cfg.norm!r}")
+    return TokenBatchNorm(frames_per_clip * cfg.tokens_per_frame, dim) if cfg.norm == "batch" else RMSNorm(dim)
 
 
 class Projector(nn.Module):
@@ -64,7 +109,7 @@ class PerceiverResampler(nn.Module):
         self.latents = nn.Parameter(torch.randn(frames_per_clip * cfg.tokens_per_frame, dim) * 0.02)
         self.frame_embed = nn.Parameter(torch.zeros(frames_per_clip, 1, dim))  # which frame of the clip
         self.layers = nn.ModuleList(PerceiverLayer(dim, cfg.n_head) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(dim)
+        self.norm = token_norm(cfg, dim, frames_per_clip)
 
     def forward(self, x):
         B, T, H, W, D = x.shape
@@ -90,7 +135,7 @@ class PoolResampler(nn.Module):
         super().__init__()
         self.shape = (frames_per_clip, *pool_shape(cfg.tokens_per_frame))
         self.conv = nn.Conv2d(dim, dim, 3, padding=1) if cfg.kind == "conv_pool" else None
-        self.norm = RMSNorm(dim)
+        self.norm = token_norm(cfg, dim, frames_per_clip)
 
     def forward(self, x):
         B, T, H, W, D = x.shape

@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from apollo import (MOTION_SCALE, Apollo, ApolloConfig, LMConfig, answer_mc, effective_rank, option_logprobs,
-                    visual_spread)
+                    video_share, visual_spread)
 from encoders import EncoderConfig, ImageEncoder, motion_costs, motion_shifts, preprocess
 from integrate import (BOS, EOS, IGNORE, PAD, SPECIALS, VID_END, VID_START, VIDEO, Tokenizer, build_sample, format_mc,
                        mc_answer, option_answers, video_tokens)
-from resampler import PerceiverResampler, PoolResampler, Projector, ResamplerConfig, pool_shape
+from layers import RMSNorm
+from resampler import PerceiverResampler, PoolResampler, Projector, ResamplerConfig, TokenBatchNorm, pool_shape
 
 CORPUS = ["A red circle appears at 0 s. The camera pans left.", "Which character appeared first?",
           "The square bounces 2 times and stops at 7 s.", "clip from 00:04-00:08:"] * 5
@@ -43,11 +44,11 @@ def test_pool_resamplers_average_each_frame_to_tokens_per_frame_cells():
         res = PoolResampler(ResamplerConfig(tokens_per_frame=4, kind=kind), dim=6, frames_per_clip=2)
         assert res(torch.randn(3, 2, 8, 8, 6)).shape == (3, 8, 6)  # 2 frames x 4 tokens
         assert res(torch.randn(3, 1, 8, 8, 6)).shape == (3, 8, 6)  # one tubelet of 2 frames: the same tokens
-    # mlp_pool on a frame whose quadrants are constant: each token is its quadrant's value (up to the norm)
+    # mlp_pool on a frame whose quadrants are constant: each token is its quadrant's value (up to the RMSNorm)
     x = torch.zeros(1, 1, 4, 4, 6)
     for k, (r, c) in enumerate([(0, 0), (0, 2), (2, 0), (2, 2)]):
         x[0, 0, r:r + 2, c:c + 2] = k + 1
-    res = PoolResampler(ResamplerConfig(tokens_per_frame=4, kind="mlp_pool"), dim=6, frames_per_clip=1)
+    res = PoolResampler(ResamplerConfig(tokens_per_frame=4, kind="mlp_pool", norm="rms"), dim=6, frames_per_clip=1)
     torch.testing.assert_close(res(x)[0], res.norm(torch.tensor([1.0, 2, 3, 4])[:, None].expand(4, 6)))
 
 
@@ -102,7 +103,10 @@ def test_apollo_places_visual_tokens_and_loss_counts_answers_only():
     assert logits.shape == (2, ids.shape[1], 300)
     manual = F.cross_entropy(logits[:, :-1].reshape(-1, 300), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
     torch.testing.assert_close(loss, manual)
-    # the second sample's frames reach only the second sample, and only after its visual tokens
+    # the second sample's frames reach only the second sample, and only after its visual tokens (in testing: in
+    # training TokenBatchNorm centres each clip's tokens on the batch's mean, by design)
+    model.eval()
+    logits, _ = model(ids, frames, labels)
     frames2 = frames.clone()
     frames2[1] = 255 - frames2[1]
     logits2, _ = model(ids, frames2, labels)
@@ -154,7 +158,33 @@ def test_visual_spread_tells_a_collapsed_connector_from_a_working_one():
             layer.attn.proj.weight.zero_()
             layer.mlp.w2.weight.zero_()
     collapsed = visual_spread(model, clips)
-    assert collapsed["tokens"] == 1.0 and collapsed["grid"] == working["grid"]
+    assert collapsed["tokens"] == 1.0 and collapsed["grid"] == working["grid"] and collapsed["share"] < working["share"]
+
+
+def test_token_batch_norm_passes_on_what_differs_between_videos_and_rms_norm_does_not():
+    """Tokens that are one large part common to every clip plus a small part of their own (what a connector makes
+    when it learns a soft prompt): after Flamingo's RMSNorm the clips' own parts are under 1% of the energy; after
+    TokenBatchNorm they are all of it, at its fixed scale, by the batch's statistics in training and by the running
+    ones in testing (and for a batch of one clip, which has no spread of its own)."""
+    torch.manual_seed(0)
+    common = torch.randn(1, 4, 16) * 10
+
+    def clips(n):
+        return common + torch.randn(n, 4, 16) * 0.1  # (n clips, 4 tokens, 16)
+    x = clips(64)
+    assert video_share(x.flatten(1)) < 0.01 and video_share(RMSNorm(16)(x).flatten(1)) < 0.01
+    norm = TokenBatchNorm(4, 16)
+    norm.scale.fill_(0.5)
+    y = norm(x)
+    assert video_share(y.flatten(1)) > 0.999 and abs(y.pow(2).mean().sqrt().item() - 0.5) < 0.01
+    for _ in range(60):  # the running statistics follow the batches'
+        norm(clips(64))
+    one = norm(x[:1])
+    norm.eval()
+    z = norm(x)
+    assert torch.equal(one, z[:1])
+    assert video_share(z.flatten(1)) > 0.95 and abs(z.pow(2).mean().sqrt().item() - 0.5) < 0.05
+    assert effective_rank(z.flatten(1)) > 30  # the clips' own parts, whole
 
 
 def test_option_logprobs_in_one_batch_equal_each_answer_scored_alone():
