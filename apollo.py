@@ -205,7 +205,7 @@ def visual_spread(model, clips):
     grid = model.projector(model.encode_frames(clips))  # (N, T, h, w, D)
     tokens = model.resampler(grid)  # (N, L, D)
     return {"grid": round(effective_rank(grid.flatten(1)), 2), "tokens": round(effective_rank(tokens.flatten(1)), 2),
-            "share": round(video_share(tokens.flatten(1)), 4), "videos": len(clips)}
+            "share": float(f"{video_share(tokens.flatten(1)):.3g}"), "videos": len(clips)}  # (3 significant digits)
 
 
 @torch.no_grad()

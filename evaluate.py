@@ -71,7 +71,7 @@ def spread_of(model, dataset, env, n=64):
 
 def spread_text(spread):
     """spread_of's result as the line train.py logs after a connector stage and bench.py eval prints."""
-    share = f", {spread['share']:.1%} of their energy differs between videos" if "share" in spread else ""
+    share = f", {100 * spread['share']:.3g}% of their energy differs between videos" if "share" in spread else ""
     return (f"visual tokens: effective rank {spread['tokens']} across {spread['videos']} videos{share} "
             f"(projected grids: {spread['grid']})")
 
