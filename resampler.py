@@ -55,7 +55,8 @@ class TokenBatchNorm(nn.Module):
         self.register_buffer("batches", torch.zeros(()))  # batches seen: the first 1 / momentum are averaged evenly
 
     def forward(self, x):
-        x = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)  # (B, L, D), unit RMS per token
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)  # (B, L, D), unit RMS per token
         if self.training and x.size(0) > 1:
             mean, var = x.mean(0), x.var(0, unbiased=False)  # (L, D): across the clips of the batch
             with torch.no_grad():  # (a starting variance of 1 would linger far above a collapsed connector's 1e-4)
