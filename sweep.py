@@ -202,7 +202,8 @@ def summarise(results):
                "video_adds": mean_std([round(r["overall"] - r["without_video"]["overall"], 4) for r in runs
                                        if "without_video" in r]),  # (4 decimals, as eval.json's scores)
                "vs_first": mean_std([round(r["overall"] - f["overall"], 4) for r, f in zip(runs, first)]),
-               "tokens_rank": mean_std([(r.get("visual_spread") or {}).get("tokens") for r in runs])}
+               "tokens_rank": mean_std([(r.get("visual_spread") or {}).get("tokens") for r in runs]),
+               "tokens_share": mean_std([(r.get("visual_spread") or {}).get("share") for r in runs])}
         for c in CATEGORIES:
             row[c] = mean_std([r["categories"].get(c) for r in runs])
         out[variant] = row
@@ -227,18 +228,21 @@ def report(name, summary, seeds, preset):
              f"{seeds} seeds (the headline score: shortcut questions left out); without the video: the same model and "
              "questions, no visual tokens (what the text and the model's priors give); tokens rank: the effective "
              "rank, across test videos, of the connector's tokens (eval.json's visual_spread; near 1: the connector "
-             "has collapsed, the LM gets nearly the same tokens whatever the video); paper: ApolloBench overall. "
+             "has collapsed, the LM gets nearly the same tokens whatever the video); tokens share: the share of the "
+             "tokens' energy that differs from video to video (near 0: one part common to every video dwarfs what "
+             "tells them apart, which the rank cannot see; README, \"The video fades\"); paper: ApolloBench overall. "
              "Paired, in points: the video adds: each run's score less its own without the video; vs the first: each "
              f"seed's score less {first}'s on the same seed (same world, same LM), whose std is the noise a "
              "difference between variants has to clear.", "",
              "| variant | overall | " + " | ".join(CATEGORIES) + " | without the video | the video adds (paired) | "
-             f"vs {first} (paired) | tokens rank | paper |",
-             "|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|---|---|"]
+             f"vs {first} (paired) | tokens rank | tokens share | paper |",
+             "|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|---|---|---|"]
     for variant, row in summary.items():
-        paper, rank = study["paper"].get(variant), row["tokens_rank"]
+        paper, rank, share = study["paper"].get(variant), row["tokens_rank"], row["tokens_share"]
         lines.append(f"| {variant} | **{cell(row['overall'])}** | " + " | ".join(cell(row[c]) for c in CATEGORIES)
                      + f" | {cell(row['without_video'])} | {cell(row['video_adds'])} | {cell(row['vs_first'])} | "
-                     + ("-" if rank[0] is None else f"{rank[0]:.2f} +- {rank[1]:.2f}")
+                     + ("-" if rank[0] is None else f"{rank[0]:.2f} +- {rank[1]:.2f}") + " | "
+                     + ("-" if share[0] is None else cell(share))
                      + f" | {paper if paper is not None else ''} |")
     ranked = sorted(summary, key=lambda v: -summary[v]["overall"][0])
     gap = summary[ranked[0]]["overall"][0] - summary[ranked[-1]]["overall"][0]

@@ -43,6 +43,9 @@ def test_a_tiny_study_runs_caches_and_reports(tmp_path, monkeypatch):
     ranks = [r["visual_spread"]["tokens"] for r in results["perceiver"]]  # has the connector collapsed
     assert summary["perceiver"]["tokens_rank"][0] == pytest.approx(sum(ranks) / 2)
     assert f"| {sum(ranks) / 2:.2f} +- " in text
+    shares = [r["visual_spread"]["share"] for r in results["perceiver"]]  # has the video faded behind a common part
+    assert summary["perceiver"]["tokens_share"][0] == pytest.approx(sum(shares) / 2)
+    assert f"| {100 * sum(shares) / 2:.1f} +- " in text and "tokens share" in text
     blind = [r["without_video"]["overall"] for r in results["perceiver"]]
     assert summary["perceiver"]["without_video"][0] == pytest.approx(sum(blind) / 2)
 
