@@ -197,13 +197,14 @@ def summarise(results):
     difference, and its std over seeds is the noise a difference between variants has to clear."""
     out, first = {}, next(iter(results.values()), [])
     for variant, runs in results.items():  # each variant's runs in seed order
+        spreads = [r.get("visual_spread") or {} for r in runs]  # eval.json's visual_spread (older runs: none)
         row = {"overall": mean_std([r["overall"] for r in runs]), "n_seeds": len(runs),
                "without_video": mean_std([r.get("without_video", {}).get("overall") for r in runs]),
                "video_adds": mean_std([round(r["overall"] - r["without_video"]["overall"], 4) for r in runs
                                        if "without_video" in r]),  # (4 decimals, as eval.json's scores)
                "vs_first": mean_std([round(r["overall"] - f["overall"], 4) for r, f in zip(runs, first)]),
-               "tokens_rank": mean_std([(r.get("visual_spread") or {}).get("tokens") for r in runs]),
-               "tokens_share": mean_std([(r.get("visual_spread") or {}).get("share") for r in runs])}
+               "tokens_rank": mean_std([sp.get("tokens") for sp in spreads]),
+               "tokens_share": mean_std([sp.get("share") for sp in spreads])}
         for c in CATEGORIES:
             row[c] = mean_std([r["categories"].get(c) for r in runs])
         out[variant] = row
