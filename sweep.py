@@ -15,18 +15,25 @@ swapped is what the study measures. The text-only stage lm does not depend on th
 trains it once per LM size and every variant starts from it (--lm_from), the way the paper's variants all
 start from one pretrained Qwen. Likewise the stage encoders depends only on the encoders' own flags: each seed
 pretrains them once per such setting, at the preset's sampling, and every variant that shares the setting starts
-from that encoders.pt, the way the paper's variants all start from one SigLIP and one InternVideo2.
+from that encoders.pt, the way the paper's variants all start from one SigLIP and one InternVideo2. A variant whose
+configuration another study has already run at this code (the defaults are resampler's perceiver, integration's
+timestamp, schedule's 3 stages, the tokens study's fps 1 x 8 tpf and scaling's perceiver @ large) takes that run's
+results and is not trained again; the report names the runs it took.
 """
 import ast
+import glob
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 
+from config import config_from_args
 from questions import CATEGORIES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -80,9 +87,11 @@ STUDIES = {
         "paper": {"3 stages": 59.2, "2 stages": 57.8, "1 stage": 48.7, "3 stages, no text": 47.5},
     },
 }
-# the scaling study: variants of the other studies, each at two LM sizes; the paper's R^2 was 0.83 (1.5B vs 7B)
-SCALING_VARIANTS = ["resampler/perceiver", "resampler/conv_pool", "integration/plain", "integration/timestamp",
-                    "schedule/1 stage", "schedule/3 stages"]
+# the scaling study: variants of the other studies, each at two LM sizes; the paper's R^2 was 0.83 (1.5B vs 7B).
+# Six distinct configurations: the Perceiver is also integration's timestamp and schedule's 3 stages (the defaults),
+# and a variant counted three times would count its one point three times in the R^2.
+SCALING_VARIANTS = ["resampler/perceiver", "resampler/mlp_pool", "resampler/conv_pool", "integration/plain",
+                    "integration/start_end", "schedule/1 stage"]
 LM_SIZES = {"small": ["--lm_dim=64", "--lm_heads=2"], "large": []}  # large: the preset's own LM
 STUDIES["scaling"] = {
     "what": "the same variants at two LM sizes; do the smaller model's rankings hold at the larger? (§3)",
@@ -170,9 +179,33 @@ def run_study(name, seeds=3, preset="study", root="results", log=print):
                 train([*common, *lm_args, *enc_args, "--stage=encoders", f"--lm_from={lm_dir}"], enc_dir, log,
                       done="encoders.pt")
             out = os.path.join(root, "runs", name, f"{slug(variant)}-s{seed}")
-            results.setdefault(variant, []).append(train([*common, *args, f"--lm_from={lm_dir}"], out, log,
-                                                         start_from=enc_dir))
+            run_args = [*common, *args, f"--lm_from={lm_dir}"]
+            twin = same_run(run_args, out, root)
+            if twin:
+                log(f"{name}/{variant}, seed {seed}: the configuration of {twin}, whose results it takes")
+            result = train(run_args, twin or out, log, start_from=enc_dir)
+            results.setdefault(variant, []).append({**result, "run": os.path.relpath(twin or out, root)})
     return results
+
+
+def same_run(args, out, root):
+    """A finished run of another study, made by this code, with the configuration args give (its config.json but for
+    where it wrote), or None. The studies share their baseline (resampler's perceiver is integration's timestamp,
+    schedule's 3 stages and the tokens study's fps 1 x 8 tpf): it is trained once and reported in each, as a study run
+    twice reproduces to the digit on a CPU. A variant's own finished run comes first."""
+    if os.path.exists(os.path.join(out, "eval.json")):
+        return None
+
+    def where_aside(cfg):
+        return {k: v for k, v in cfg.items() if k not in ("out_dir", "resume")}
+    want, version = where_aside(asdict(config_from_args(args))), code_version()
+    for path in sorted(glob.glob(os.path.join(root, "runs", "*", f"*-s{want['seed']}", "config.json"))):
+        run = os.path.dirname(path)
+        stamp = os.path.join(run, "code_version.txt")
+        if (run != out and os.path.exists(os.path.join(run, "eval.json")) and os.path.exists(stamp)
+                and open(stamp).read() == version and where_aside(json.load(open(path))) == want):
+            return run
+    return None
 
 
 def slug(text):
@@ -204,19 +237,31 @@ def summarise(results):
                                        if "without_video" in r]),  # (4 decimals, as eval.json's scores)
                "vs_first": mean_std([round(r["overall"] - f["overall"], 4) for r, f in zip(runs, first)]),
                "tokens_rank": mean_std([sp.get("tokens") for sp in spreads]),
-               "tokens_share": mean_std([sp.get("share") for sp in spreads])}
+               "tokens_share": mean_std([sp.get("share") for sp in spreads]), "runs": [r.get("run") for r in runs]}
         for c in CATEGORIES:
             row[c] = mean_std([r["categories"].get(c) for r in runs])
         out[variant] = row
     return out
 
 
-def r_squared(x, y):
-    """The squared Pearson correlation of two score lists (the paper's scaling-consistency measure)."""
+def pearson(x, y):
+    """The Pearson correlation of two score lists; its square is the paper's scaling-consistency R^2, which alone
+    cannot tell a ranking kept from one reversed."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     if len(x) < 3 or x.std() == 0 or y.std() == 0:
         return float("nan")
-    return float(np.corrcoef(x, y)[0, 1] ** 2)
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def permutation_p(x, y):
+    """How often pairing x with a shuffle of y correlates at least as well as x with y itself: the chance that the small
+    model's ranking holds at the larger this well if the two had nothing to do with each other (one-sided; every
+    ordering of up to 8 scores, else 20,000 drawn)."""
+    r, y = pearson(x, y), np.asarray(y, float)
+    orders = (itertools.permutations(range(len(y))) if len(y) <= 8
+              else (np.random.default_rng(0).permutation(len(y)) for _ in range(20000)))
+    hits = [pearson(x, y[list(order)]) >= r - 1e-12 for order in orders]
+    return float(np.mean(hits))
 
 
 def report(name, summary, seeds, preset):
@@ -256,14 +301,22 @@ def report(name, summary, seeds, preset):
         d, s = summary[far]["vs_first"]
         lines.append(f"Paired by seed, the variant farthest from {first} is {far}: {100 * d:+.1f} +- {100 * s:.1f} "
                      f"points, {abs(d) / s:.1f} times the std of its per-seed differences.")
+    own = os.path.join("runs", name, "")
+    shared = {v: row["runs"] for v, row in summary.items() if any(r and not r.startswith(own) for r in row["runs"])}
+    if shared:  # sweep.same_run: a configuration another study has run is not trained again
+        lines.append("Runs of another study with the same configuration, trained once: " + "; ".join(
+            f"{v}: {', '.join(r for r in runs if r)}" for v, runs in shared.items()) + ".")
     if study["paper"]:
         best_paper = max(study["paper"], key=study["paper"].get)
         lines.append(f"Best in the paper (of the variants run here): {best_paper}.")
     if name == "scaling":
         pairs = [(summary[f"{v} @ small"]["overall"][0], summary[f"{v} @ large"]["overall"][0])
                  for v in SCALING_VARIANTS]
-        lines.append(f"R^2 between the two LM sizes' scores over {len(pairs)} variants: "
-                     f"{r_squared(*zip(*pairs)):.3f} (paper, 1.5B vs 7B: 0.831).")
+        r, p = pearson(*zip(*pairs)), permutation_p(*zip(*pairs))
+        lines.append(f"R^2 between the two LM sizes' scores over {len(pairs)} variants: {r ** 2:.3f} (paper, 1.5B vs "
+                     f"7B: 0.831); the correlation r = {r:+.3f} ({'the same order' if r > 0 else 'the order reversed'}"
+                     f"); permutation p {p:.3f} (one-sided: the share of the orderings of the large LM's scores that "
+                     "correlate with the small's as well or better).")
     return "\n".join(lines) + "\n"
 
 
@@ -280,11 +333,25 @@ def plot(name, summary, path):
         fpss, tpfs = (0.5, 1, 2), (2, 8, 16)
         grid = np.array([[summary[f"fps {f} x {t} tpf"]["overall"][0] for t in tpfs] for f in fpss])
         im = ax.imshow(100 * grid, cmap="viridis")
+        for (i, j), value in np.ndenumerate(100 * grid):  # the numbers too: the colours stretch to any range
+            ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="w" if value < 100 * grid.mean() else "k")
         ax.set_xticks(range(len(tpfs)), [str(t) for t in tpfs])
         ax.set_yticks(range(len(fpss)), [str(f) for f in fpss])
         ax.set_xlabel("tokens per frame")
         ax.set_ylabel("fps")
         fig.colorbar(im, label="accuracy %")
+    elif name == "scaling":  # the scaling-consistency scatter: each variant's score at the small LM against the large
+        pairs = [(100 * summary[f"{v} @ small"]["overall"][0], 100 * summary[f"{v} @ large"]["overall"][0])
+                 for v in SCALING_VARIANTS]
+        ax.errorbar(*zip(*pairs), fmt="o", capsize=2,  # mean +- std over seeds
+                    xerr=[100 * summary[f"{v} @ small"]["overall"][1] for v in SCALING_VARIANTS],
+                    yerr=[100 * summary[f"{v} @ large"]["overall"][1] for v in SCALING_VARIANTS])
+        for v, (x, y) in zip(SCALING_VARIANTS, pairs):
+            ax.annotate(v, (x, y), fontsize=7)
+        ax.set_xlabel("accuracy %, small LM")
+        ax.set_ylabel("accuracy %, large LM")
+        r = pearson(*zip(*pairs))
+        ax.text(0.02, 0.95, f"R^2 {r ** 2:.2f}, r {r:+.2f}", transform=ax.transAxes)
     else:  # per-category lines, one per variant
         for variant, row in summary.items():
             ax.plot(CATEGORIES, [100 * (row[c][0] or 0) for c in CATEGORIES], marker="o", label=variant)

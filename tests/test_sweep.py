@@ -27,6 +27,21 @@ def test_a_tiny_study_runs_caches_and_reports(tmp_path, monkeypatch):
             assert '"stage": "lm"' not in rows and '"stage": "encoders"' not in rows and '"stage": "sft"' in rows
             assert (tmp_path / "runs" / "tiny" / f"{variant}-s{seed}" / "encoders.pt").read_bytes() == shared
     stamp = os.path.getmtime(tmp_path / "runs" / "tiny" / "perceiver-s0" / "eval.json")
+    # another study whose variant is the same configuration by other flags (the default connector): not trained again
+    monkeypatch.setitem(sweep.STUDIES, "twin", {"what": "the default twice", "paper": {},
+                                                "variants": {"default": [], "plain": ["--integration=plain"]}})
+    lm_dir = os.path.join(root, "runs", "lm", "smoke-default-s1")
+    args = ["--preset=smoke", "--seed=1", f"--data_dir={os.path.join(root, 'data')}", f"--lm_from={lm_dir}"]
+    assert sweep.same_run(args, os.path.join(root, "runs", "twin", "default-s1"), root) == os.path.join(
+        root, "runs", "tiny", "perceiver-s1")
+    assert sweep.same_run([*args, "--integration=plain"], os.path.join(root, "runs", "twin", "plain-s1"), root) is None
+    monkeypatch.setitem(sweep.STUDIES["twin"], "variants", {"default": []})
+    twin = sweep.run_study("twin", seeds=2, preset="smoke", root=root, log=lambda *a: None)
+    assert not (tmp_path / "runs" / "twin").exists()
+    assert [r["run"] for r in twin["default"]] == ["runs/tiny/perceiver-s0", "runs/tiny/perceiver-s1"]
+    assert twin["default"] == results["perceiver"]
+    assert "trained once: default: runs/tiny/perceiver-s0, runs/tiny/perceiver-s1." in sweep.report(
+        "twin", sweep.summarise(twin), 2, "smoke")
     again = sweep.run_study("tiny", seeds=2, preset="smoke", root=root, log=lambda *a: None)
     assert again == results and os.path.getmtime(tmp_path / "runs" / "tiny" / "perceiver-s0" / "eval.json") == stamp
     monkeypatch.setattr(sweep, "code_version", lambda: "changed")  # as if a component had been edited
@@ -71,9 +86,24 @@ def test_paired_differences_cancel_what_a_seed_shares(monkeypatch):
     assert "Paired by seed" not in text  # no spread to measure a difference against: no ratio printed
 
 
-def test_r_squared_of_known_lists():
-    assert sweep.r_squared([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
-    assert sweep.r_squared([1, 2, 3, 4], [1, -1, -1, 1]) == pytest.approx(0.0)
+def test_the_scaling_variants_are_distinct_configurations():
+    """Each of the scaling study's points is its own configuration at each LM size (the R^2 would count twice a
+    point that two names give: the resampler study's perceiver is integration's timestamp and schedule's 3 stages)."""
+    for size in sweep.LM_SIZES:
+        configs = [sweep.asdict(sweep.config_from_args(["--preset=study", *sweep.STUDIES["scaling"]["variants"][
+            f"{v} @ {size}"]])) for v in sweep.SCALING_VARIANTS]
+        assert all(a != b for i, a in enumerate(configs) for b in configs[i + 1:]), size
+
+
+def test_correlation_and_its_permutation_p_of_known_lists():
+    """R^2 is the square of r, blind to a reversed ranking; r and the permutation p are not."""
+    assert sweep.pearson([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
+    assert sweep.pearson([1, 2, 3, 4], [8, 6, 4, 2]) == pytest.approx(-1.0)  # R^2 1, the order reversed
+    assert sweep.pearson([1, 2, 3, 4], [1, -1, -1, 1]) == pytest.approx(0.0)
+    assert sweep.permutation_p([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1 / 24)  # only the order itself
+    assert sweep.permutation_p([1, 2, 3, 4], [8, 6, 4, 2]) == 1.0  # every order does as well as the reversed one
+    many = list(range(10))  # over 8 scores: 20,000 drawn orderings, of which about none is the order itself
+    assert sweep.permutation_p(many, many) < 0.001
 
 
 def test_code_version_ignores_comments_and_docstrings_not_code(tmp_path):
@@ -91,3 +121,14 @@ def test_code_version_ignores_comments_and_docstrings_not_code(tmp_path):
     assert sweep.code_version(str(tmp_path)) == version  # the same code: the runs are kept
     layers.write_text(text.replace("eps=1e-6", "eps=1e-5", 1))
     assert sweep.code_version(str(tmp_path)) != version  # a default changed: the runs are trained again
+
+
+@pytest.mark.parametrize("name", ["tokens", "scaling", "resampler"])
+def test_each_kind_of_plot_is_drawn(tmp_path, name):
+    """The optional figure (matplotlib is not a requirement: skipped without it): the fps x tokens heatmap, the scaling
+    scatter, per-category lines for the rest."""
+    pytest.importorskip("matplotlib")
+    summary = {v: {"overall": (0.3 + 0.01 * i, 0.01), **{c: (0.3, 0.01) for c in sweep.CATEGORIES}}
+               for i, v in enumerate(sweep.STUDIES[name]["variants"])}
+    path = sweep.plot(name, summary, str(tmp_path / f"{name}.png"))
+    assert path and os.path.getsize(path) > 1000
