@@ -45,6 +45,7 @@ def test_a_tiny_study_runs_caches_and_reports(tmp_path, monkeypatch):
     again = sweep.run_study("tiny", seeds=2, preset="smoke", root=root, log=lambda *a: None)
     assert again == results and os.path.getmtime(tmp_path / "runs" / "tiny" / "perceiver-s0" / "eval.json") == stamp
     monkeypatch.setattr(sweep, "code_version", lambda: "changed")  # as if a component had been edited
+    assert sweep.same_run(args, os.path.join(root, "runs", "twin", "default-s1"), root) is None  # not of other code
     sweep.run_study("tiny", seeds=1, preset="smoke", root=root, log=lambda *a: None)
     assert os.path.getmtime(tmp_path / "runs" / "tiny" / "perceiver-s0" / "eval.json") > stamp
     assert (tmp_path / "runs" / "tiny" / "perceiver-s0.old" / "eval.json").exists()
