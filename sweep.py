@@ -133,13 +133,18 @@ def code_version(root=HERE):
     return digest.hexdigest()[:12]
 
 
+def made_by(run):
+    """The code_version a run's folder was made by (None: no stamp)."""
+    stamp = os.path.join(run, "code_version.txt")
+    return open(stamp).read() if os.path.exists(stamp) else None
+
+
 def train(args, out, log, done="eval.json", start_from=None):
     """One train.py run into out (skipped when its file done is there and the code is the same); returns its
     eval.json. A folder made by other code is moved to OUT.old (replacing an older one) and the run starts over.
     start_from: a shared run's folder whose encoders.pt (and retrieval.json) a new run starts with."""
     stamp, version = os.path.join(out, "code_version.txt"), code_version()
-    made_by = open(stamp).read() if os.path.exists(stamp) else None
-    if os.path.exists(out) and made_by != version:
+    if os.path.exists(out) and made_by(out) != version:
         log(f"{out} was made by other code: moved to {out}.old, training again")
         shutil.rmtree(out + ".old", ignore_errors=True)
         os.replace(out, out + ".old")
@@ -201,9 +206,8 @@ def same_run(args, out, root):
     want, version = where_aside(asdict(config_from_args(args))), code_version()
     for path in sorted(glob.glob(os.path.join(root, "runs", "*", f"*-s{want['seed']}", "config.json"))):
         run = os.path.dirname(path)
-        stamp = os.path.join(run, "code_version.txt")
-        if (run != out and os.path.exists(os.path.join(run, "eval.json")) and os.path.exists(stamp)
-                and open(stamp).read() == version and where_aside(json.load(open(path))) == want):
+        if (run != out and os.path.exists(os.path.join(run, "eval.json")) and made_by(run) == version
+                and where_aside(json.load(open(path))) == want):
             return run
     return None
 
@@ -264,6 +268,12 @@ def permutation_p(x, y):
     return float(np.mean(hits))
 
 
+def scaling_pairs(summary, which=0):
+    """Each scaling variant's (small LM, large LM) overall score: its mean over seeds (which=0) or their std (1)."""
+    return [(summary[f"{v} @ small"]["overall"][which], summary[f"{v} @ large"]["overall"][which])
+            for v in SCALING_VARIANTS]
+
+
 def report(name, summary, seeds, preset):
     study, first = STUDIES[name], next(iter(summary), "")
 
@@ -310,8 +320,7 @@ def report(name, summary, seeds, preset):
         best_paper = max(study["paper"], key=study["paper"].get)
         lines.append(f"Best in the paper (of the variants run here): {best_paper}.")
     if name == "scaling":
-        pairs = [(summary[f"{v} @ small"]["overall"][0], summary[f"{v} @ large"]["overall"][0])
-                 for v in SCALING_VARIANTS]
+        pairs = scaling_pairs(summary)
         r, p = pearson(*zip(*pairs)), permutation_p(*zip(*pairs))
         lines.append(f"R^2 between the two LM sizes' scores over {len(pairs)} variants: {r ** 2:.3f} (paper, 1.5B vs "
                      f"7B: 0.831); the correlation r = {r:+.3f} ({'the same order' if r > 0 else 'the order reversed'}"
@@ -341,16 +350,13 @@ def plot(name, summary, path):
         ax.set_ylabel("fps")
         fig.colorbar(im, label="accuracy %")
     elif name == "scaling":  # the scaling-consistency scatter: each variant's score at the small LM against the large
-        pairs = [(100 * summary[f"{v} @ small"]["overall"][0], 100 * summary[f"{v} @ large"]["overall"][0])
-                 for v in SCALING_VARIANTS]
-        ax.errorbar(*zip(*pairs), fmt="o", capsize=2,  # mean +- std over seeds
-                    xerr=[100 * summary[f"{v} @ small"]["overall"][1] for v in SCALING_VARIANTS],
-                    yerr=[100 * summary[f"{v} @ large"]["overall"][1] for v in SCALING_VARIANTS])
+        pairs, stds = 100 * np.array(scaling_pairs(summary)), 100 * np.array(scaling_pairs(summary, 1))
+        ax.errorbar(*pairs.T, xerr=stds[:, 0], yerr=stds[:, 1], fmt="o", capsize=2)  # mean +- std over seeds
         for v, (x, y) in zip(SCALING_VARIANTS, pairs):
             ax.annotate(v, (x, y), fontsize=7)
         ax.set_xlabel("accuracy %, small LM")
         ax.set_ylabel("accuracy %, large LM")
-        r = pearson(*zip(*pairs))
+        r = pearson(*pairs.T)
         ax.text(0.02, 0.95, f"R^2 {r ** 2:.2f}, r {r:+.2f}", transform=ax.transAxes)
     else:  # per-category lines, one per variant
         for variant, row in summary.items():
