@@ -4,6 +4,7 @@ ApolloBench in miniature (Apollo §2): evaluate a model three ways, and build a 
     python bench.py eval --ckpt=out/sft.pt         # our test split: video, centre frame, text only, caption as text
     python bench.py eval --ckpt=out/sft.pt --jsonl=my/test.jsonl --modes=video,text   # a user's multiple choice
     python bench.py eval --ckpt=out/lm.pt --modes=writing   # the loss of the test captions: can it write them?
+    python bench.py eval --ckpt=out/lm.pt --modes=drills    # fresh reading drills of stage lm: can it read?
     python bench.py build --zoo=results/runs --pool_videos=300 --top=30
 
 `build` asks every model of a zoo (each folder under --zoo holding a trained sft.pt) every question of a fresh
@@ -35,6 +36,7 @@ from apollo import ADDED_KEYS, Apollo
 from config import Config, model_config, setup
 from data import load_jsonl, make_world, write_jsonl
 from integrate import IGNORE, Tokenizer
+from questions import reading_drills
 from sampling import sample_uniform
 
 MODES = ["video", "frame", "text"]  # what build asks every model
@@ -109,6 +111,9 @@ def evaluate_modes(ckpt, jsonl=None, modes=EVAL_MODES, device="auto", log=print)
             else:
                 out[mode] = wrote
             continue
+        if mode == "drills":  # per kind of drill, in "categories"
+            out[mode] = drills(model, tok, cfg, env)
+            continue
         if mode == "caption":
             told = samples.described_items(items, root, split)
             if told is None:
@@ -122,9 +127,20 @@ def evaluate_modes(ckpt, jsonl=None, modes=EVAL_MODES, device="auto", log=print)
         elif mode in MODES:
             choices = ask(model, tok, cfg, env, items, mode)
         else:
-            raise SystemExit(f"error: unknown mode {mode!r}; choose from {EVAL_MODES + ['writing']}")
+            raise SystemExit(f"error: unknown mode {mode!r}; choose from {EVAL_MODES + ['writing', 'drills']}")
         out[mode] = evaluate.score(items, [c == ord(it["answer"]) - 65 for c, it in zip(choices, items)])
     return out
+
+
+def drills(model, tok, cfg, env, n=400, seed=12345):
+    """Accuracy on n fresh reading drills (questions.reading_drills, drawn from a seed no run trains on), per kind:
+    which_option (find a word among the options), lookup_color, lookup_bounces, lookup_char (look a fact up in a
+    short description). Whether the LM learned what stage lm drills it in, apart from the world's captions."""
+    qs = reading_drills(np.random.default_rng([seed, 7]), n)
+    items = [dict(samples.drill_item(q), video=None, options=q["options"], answer=q["answer"], eval=True,
+                  n_options=len(q["options"]), category=q["template"], shortcut=None) for q in qs]
+    choices = evaluate.predict(model, samples.Samples(items, tok, cfg, model.tokens_per_clip), cfg, env)
+    return evaluate.score(items, [c == ord(it["answer"]) - 65 for c, it in zip(choices, items)])
 
 
 def writing(model, tok, cfg, env, root, split):
@@ -329,7 +345,7 @@ def main(argv):
             raise SystemExit("error: bench.py eval needs --ckpt=PATH (a run's sft.pt)")
         result = evaluate_modes(opts["ckpt"], opts.get("jsonl"), opts.get("modes", ",".join(EVAL_MODES)).split(","),
                                 opts.get("device", "auto"))
-        for mode in EVAL_MODES:
+        for mode in EVAL_MODES + ["drills"]:
             if mode in result:
                 r = result[mode]
                 cats = " ".join(f"{k} {v:.3f}" for k, v in r["categories"].items())

@@ -97,6 +97,11 @@ def test_a_model_asked_in_each_mode(tmp_path, tiny_world):
     assert wrote["with_video"] != wrote["without_video"]  # the visual tokens are there, and change what it predicts
     assert "writing" not in bench.evaluate_modes(str(out / "sft.pt"), str(lone), ["writing"], "cpu", log=notes.append)
     assert notes[-1].startswith("writing: left out")
+    # drills: fresh reading drills of stage lm (the same every call), scored per kind
+    read = bench.evaluate_modes(str(out / "sft.pt"), f"{world}/test.jsonl", ["drills"], "cpu")["drills"]
+    assert set(read["categories"]) == {"which_option", "lookup_color", "lookup_bounces", "lookup_char"}
+    assert read["n"] == 400 and read["chance"] == 0.25 and 0 <= read["overall"] <= 1
+    assert bench.drills(model, tok, cfg, env) == read
     # asking the trained model about one video from the command line (apollo.py)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     video = items[0]["video"]
