@@ -133,9 +133,10 @@ def evaluate_modes(ckpt, jsonl=None, modes=EVAL_MODES, device="auto", log=print)
 
 
 def drills(model, tok, cfg, env, n=400, seed=12345):
-    """Accuracy on n fresh reading drills (questions.reading_drills, drawn from a seed no run trains on), per kind:
-    which_option (find a word among the options), lookup_color, lookup_bounces, lookup_char (look a fact up in a
-    short description). Whether the LM learned what stage lm drills it in, apart from the world's captions."""
+    """Accuracy on n fresh reading drills (questions.reading_drills, drawn from the stream [seed, 7], which no run
+    trains on: a stage draws its own from [run seed, stage index < 5]), per kind: which_option (find a word among
+    the options), lookup_color, lookup_bounces, lookup_char (look a fact up in a short description). Whether the
+    LM learned what stage lm drills it in, apart from the world's captions."""
     qs = reading_drills(np.random.default_rng([seed, 7]), n)
     items = [dict(samples.drill_item(q), video=None, options=q["options"], answer=q["answer"], eval=True,
                   n_options=len(q["options"]), category=q["template"], shortcut=None) for q in qs]
