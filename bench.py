@@ -140,8 +140,8 @@ def drills(model, tok, cfg, env, n=400, seed=12345):
     qs = reading_drills(np.random.default_rng([seed, 7]), n)
     items = [dict(samples.drill_item(q), video=None, options=q["options"], answer=q["answer"], eval=True,
                   n_options=len(q["options"]), category=q["template"], shortcut=None) for q in qs]
-    choices = evaluate.predict(model, samples.Samples(items, tok, cfg, model.tokens_per_clip), cfg, env)
-    return evaluate.score(items, [c == ord(it["answer"]) - 65 for c, it in zip(choices, items)])
+    result = evaluate.evaluate(model, samples.Samples(items, tok, cfg, model.tokens_per_clip), cfg, env)
+    return {k: v for k, v in result.items() if k != "choices"}
 
 
 def writing(model, tok, cfg, env, root, split):
