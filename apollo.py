@@ -255,10 +255,11 @@ def init_weights(m):
 
 
 def main(argv):
-    """python apollo.py --ckpt=out/sft.pt VIDEO "question" [--options="red,blue,green,white"]
+    """python apollo.py --ckpt=out/sft.pt VIDEO "question" [--options="red,blue,green,white"] [--subject=cross]
 
     Samples the video as the run was trained to (its config travels in the checkpoint), prints the clips and
-    frame times the model looks at, then its choice among the options, or the text it writes without them."""
+    frame times the model looks at, then its choice among the options (--subject: the key its answer restates
+    first, as our world's answers do: " cross blue (B)"), or the text it writes without them."""
     opts = dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
     args = [a for a in argv if not a.startswith("--")]
     if len(args) != 2 or "ckpt" not in opts:
@@ -286,7 +287,7 @@ def main(argv):
         options = [o.strip() for o in opts["options"].split(",")]
         ids = build_sample(tok, [(format_mc(question, options), "")], ids_of_video)[0][:-1]
         choice = int(answer_mc(model, torch.tensor([ids]), torch.tensor([len(ids)]), frames,
-                               [option_answers(tok, options)])[0])
+                               [option_answers(tok, options, opts.get("subject"))])[0])
         print(f"answer: {options[choice]} ({chr(65 + choice)})")
         return options[choice]
     ids = build_sample(tok, [(question.strip() + "\n", "")], ids_of_video)[0][:-1]

@@ -139,7 +139,8 @@ def drills(model, tok, cfg, env, n=400, seed=12345):
     LM learned what stage lm drills it in, apart from the world's captions."""
     qs = reading_drills(np.random.default_rng([seed, 7]), n)
     items = [dict(samples.drill_item(q), video=None, options=q["options"], answer=q["answer"], eval=True,
-                  n_options=len(q["options"]), category=q["template"], shortcut=None) for q in qs]
+                  subject=q.get("subject"), n_options=len(q["options"]), category=q["template"], shortcut=None)
+             for q in qs]
     result = evaluate.evaluate(model, samples.Samples(items, tok, cfg, model.tokens_per_clip), cfg, env)
     return {k: v for k, v in result.items() if k != "choices"}
 

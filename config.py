@@ -77,7 +77,7 @@ class Config:
     lm_dim: int = 128
     lm_layers: int = 4
     lm_heads: int = 4
-    lm_smear: bool = False      # smeared keys (layers.Attention): the copy warm-up's copy found by step 250, not in 800
+    lm_smear: bool = True       # smeared keys (layers.Attention): an induction head, so a lookup, forms early (README)
     vocab_size: int = 512       # byte-level BPE: 256 bytes + 6 special tokens + learned merges
     integration: str = "timestamp"  # plain | start_end | timestamp | timestamp_start_end
     # training (Apollo: AdamW, clip 1, 3% warm-up, cosine decay)
@@ -90,11 +90,12 @@ class Config:
     encoders_lr: float = 3e-3
     contrastive_loss: str = "siglip"  # siglip | clip
     video_objective: str = "contrastive"  # contrastive | masked (VideoMAE-style, the self-supervised alternative)
-    lm_steps: int = 300         # the cpu preset's steps fit 15 minutes on a 2-core CPU like CI's
+    lm_steps: int = 800         # the cpu preset's steps fit 15 minutes on a 2-core CPU like CI's; 300 steps did
+                                # not find the caption's lookups (README, "Facts as keys")
     align_steps: int = 40
     vision_steps: int = 40      # the encoders come pretrained: a short unfreezing
     sft_steps: int = 200
-    lm_lr: float = 3e-3
+    lm_lr: float = 1e-3
     align_lr: float = 2e-3
     vision_lr: float = 1e-3
     sft_lr: float = 2e-3

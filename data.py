@@ -117,7 +117,7 @@ def write_mp4(path, frames, fps):
 # The world on disk: generate once, reuse after
 
 
-WORLD_FORMAT = 4  # part of the cache key: bump it when the same config would now give other bytes
+WORLD_FORMAT = 5  # part of the cache key: bump it when the same config would now give other bytes
 
 
 def cpu_count():

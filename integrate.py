@@ -124,17 +124,21 @@ def format_mc(question, options):
     return f"Question: {question}\nOptions: {listed}\nAnswer:"
 
 
-def mc_answer(options, letter):
+def mc_answer(options, letter, subject=None):
     """" blue (B)": the option, then its letter, written exactly as in the list of options. A from-scratch LM
     this small does not learn, in a CPU budget, to emit a letter whose option it must first work out (two hops,
     one letter of signal per question); once the option is said, " (B)" is a copy of what follows it in the
-    prompt, the induction step that small transformers learn first."""
-    return f" {options[ord(letter) - 65]} ({letter})"
+    prompt, the induction step that small transformers learn first. With a subject (the key of the fact asked
+    about, questions.mc), the answer restates it first, " cross blue (B)", for the same reason: the option is
+    then what follows "cross" in the caption (questions.caption), one more copy, not a hop back to the question."""
+    restated = f"{subject} " if subject else ""
+    return f" {restated}{options[ord(letter) - 65]} ({letter})"
 
 
-def option_answers(tok, options):
-    """The ids of each option's answer (mc_answer), for scoring: what the model weighs, option by option."""
-    return [tok.encode(mc_answer(options, chr(65 + k))) for k in range(len(options))]
+def option_answers(tok, options, subject=None):
+    """The ids of each option's answer (mc_answer), for scoring: what the model weighs, option by option (a
+    subject's ids are the same in each, so they weigh what the model says after it)."""
+    return [tok.encode(mc_answer(options, chr(65 + k), subject)) for k in range(len(options))]
 
 
 def build_sample(tok, turns, video=None):

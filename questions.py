@@ -24,10 +24,13 @@ ABSURD = ["a banana", "the moon", "a violin", "Tuesday", "a whale", "nobody", "a
 # Questions: five ApolloBench categories, several templates each, answers read off the script
 
 
-def mc(rng, category, template, question, answer, pool, shortcut=None, first=()):
+def mc(rng, category, template, question, answer, pool, shortcut=None, first=(), subject=None):
     """A multiple-choice question: the answer at a uniformly drawn letter among 3 distractors. Those in `first`
     (what the video also shows: another object's colour, another character) come before the rest of pool, so
-    that a question cannot be answered by picking the one option the video shows."""
+    that a question cannot be answered by picking the one option the video shows. subject: the key of the fact
+    asked about, as the caption writes it ("cross" of "cross blue, from 2 s."); the answer restates it
+    (integrate.mc_answer), so that reading the answer off a caption is an induction step (README, "Facts as
+    keys")."""
     near = [p for p in dict.fromkeys(first) if p != answer]
     rest = [p for p in dict.fromkeys(pool) if p != answer and p not in near]
     options = list(rng.permutation(near)[:3]) if near else []
@@ -36,17 +39,18 @@ def mc(rng, category, template, question, answer, pool, shortcut=None, first=())
     assert len(options) == 3, (template, answer, pool)
     k = int(rng.integers(4))
     options.insert(k, answer)
-    return {"question": question, "options": [str(o) for o in options], "answer": LETTERS[k],
-            "category": category, "template": template, "shortcut": shortcut}
+    q = {"question": question, "options": [str(o) for o in options], "answer": LETTERS[k],
+         "category": category, "template": template, "shortcut": shortcut}
+    return dict(q, subject=subject) if subject else q
 
 
 def reading_drills(rng, n):
     """n short text-only drills that teach a from-scratch LM to read, before it must work out answers from a
     caption or a video (pretrained LMs bring these skills; ours learns them here, in the lm stage). Half are
     "Which option is blue?" among four options of one kind: find the word among the options and copy its letter
-    (an induction step). Half are lookups in a short description written as captions are ("A red circle appears
-    at 2 s. A blue cross appears at 0 s. What colour is the cross?"): find the thing asked about, read its
-    attribute, the binding that perception questions need."""
+    (an induction step). Half are lookups in a short description written as captions are ("circle red, from 2 s.
+    cross blue, from 0 s. What colour is the cross?"), the answer restating the key (" cross blue (C)"): find
+    the key where the description writes it, say what follows, the binding that perception questions need."""
     pools = [list(COLORS), SHAPES, list(DIRECTIONS), RELATIONS, COUNTS, list(GLYPHS), ABSURD]
     drills = []
     for _ in range(n):
@@ -60,16 +64,15 @@ def reading_drills(rng, n):
         times, counts, chars = rng.permutation(10)[:k], rng.integers(0, 4, k), rng.permutation(list(GLYPHS))[:k]
         kind, i = int(rng.integers(3)), int(rng.integers(k))
         if kind == 0:
-            facts = [f"A{'n' if c[0] in 'aeiou' else ''} {c} {s} appears at {t} s."
-                     for c, s, t in zip(colors, shapes, times)]
-            drill = mc(rng, "drill", "lookup_color", f"What colour is the {shapes[i]}?", colors[i],
-                       list(COLORS), first=colors)  # the other objects' colours first: the binding is the point
+            facts = [f"{s} {c}, from {t} s." for c, s, t in zip(colors, shapes, times)]
+            drill = mc(rng, "drill", "lookup_color", f"What colour is the {shapes[i]}?", colors[i], list(COLORS),
+                       first=colors, subject=shapes[i])  # the other objects' colours first: the binding is the point
         elif kind == 1:
-            facts = [f"The {s} bounces {c} time{'' if c == 1 else 's'}." for s, c in zip(shapes, counts)]
+            facts = [f"{s} bounces {c}." for s, c in zip(shapes, counts)]
             drill = mc(rng, "drill", "lookup_bounces", f"How many times did the {shapes[i]} bounce off a wall?",
-                       str(counts[i]), COUNTS[:4])
+                       str(counts[i]), COUNTS[:4], subject=f"{shapes[i]} bounces")
         else:
-            facts = [f"The character {c} is shown at {t} s." for c, t in zip(chars, times)]
+            facts = [f"character {c} at {t} s." for c, t in zip(chars, times)]  # as the caption: the value first
             drill = mc(rng, "drill", "lookup_char", f"Which character was on screen at second {times[i]}?", chars[i],
                        list(GLYPHS), first=chars)
         drill["description"] = " ".join(facts)
@@ -130,10 +133,10 @@ def questions_for(scene, rng):
         cam = scene["camera"]
         if len(cam) == 1:
             qs["egocentric"].append(mc(rng, "egocentric", "camera_direction", "Which way did the camera move?",
-                                       cam[0]["direction"], DIRECTIONS))
+                                       cam[0]["direction"], DIRECTIONS, subject="camera pans"))
         else:
             qs["egocentric"].append(mc(rng, "egocentric", "camera_first", "Which way did the camera move first?",
-                                       cam[0]["direction"], DIRECTIONS))
+                                       cam[0]["direction"], DIRECTIONS, subject="camera pans"))
             qs["egocentric"].append(mc(rng, "egocentric", "camera_end",
                                        "Which way was the camera moving at the end?", cam[-1]["direction"], DIRECTIONS))
     shapes = [o["shape"] for o in objs]
@@ -164,14 +167,14 @@ def questions_for(scene, rng):
             frame = o["appear"] == 0.0
             qs["perception"].append(mc(rng, "perception", "color", f"What colour is the {o['shape']}?", o["color"],
                                        list(COLORS), shortcut="frame" if frame else None,
-                                       first=[p["color"] for p in objs]))
+                                       first=[p["color"] for p in objs], subject=o["shape"]))
         else:
             qs["perception"].append(mc(rng, "perception", "color_start",
                                        f"What colour was the {o['shape']} when it appeared?", o["color"],
-                                       list(COLORS), first=[change["color"]]))
+                                       list(COLORS), first=[change["color"]], subject=o["shape"]))
             qs["perception"].append(mc(rng, "perception", "color_end",
                                        f"What colour was the {o['shape']} at the end?", change["color"],
-                                       list(COLORS), first=[o["color"]]))
+                                       list(COLORS), first=[o["color"]], subject=f"{o['shape']} turns"))
     all_at_start = all(o["appear"] == 0.0 for o in objs)
     qs["perception"].append(mc(rng, "perception", "count_objects", "How many objects appeared in the video?",
                                str(len(objs)), COUNTS[1:], shortcut="frame" if all_at_start else None))
@@ -189,12 +192,12 @@ def questions_for(scene, rng):
         if len(o["bounces"]) <= 3:
             qs["reasoning"].append(mc(rng, "reasoning", "bounces",
                                       f"How many times did the {o['shape']} bounce off a wall?",
-                                      str(len(o["bounces"])), COUNTS[:4]))
+                                      str(len(o["bounces"])), COUNTS[:4], subject=f"{o['shape']} bounces"))
         if o["stop"] is not None:
             s = int(round(o["stop"]))
             near = [str(v) for v in range(max(int(np.ceil(D)) + 2, 9)) if abs(v - s) >= 2]
             qs["reasoning"].append(mc(rng, "reasoning", "stop_second", f"At what second did the {o['shape']} stop?",
-                                      str(s), near))
+                                      str(s), near, subject=f"{o['shape']} stops"))
     return qs
 
 
@@ -227,21 +230,26 @@ def pick_questions(scene, rng, cfg, n):
 
 
 def caption(scene):
-    """A dense, timed description written from the script: what the alignment stages learn to say."""
+    """A dense, timed description written from the script: what the alignment stages learn to say. Each fact is
+    written key first, the value right after it ("cross blue, from 2 s.", "cross bounces 2."): a question about it
+    names the key as its subject, which its answer restates (mc), so that a from-scratch LM finds the answer by an
+    induction step (find the key's last token, say what follows it). "A blue cross appears" puts the colour before
+    what it belongs to, a second hop that ours does not learn in a CPU budget, and so would "cross: blue", whose
+    value follows a ":" that every fact shares (README, "Facts as keys")."""
     parts = []
     for o in sorted(scene["objects"], key=lambda o: o["appear"]):
-        article = "An" if o["color"][0] in "aeiou" else "A"
-        parts.append(f"{article} {o['color']} {o['shape']} appears at {o['appear']:.0f} s.")
+        parts.append(f"{o['shape']} {o['color']}, from {o['appear']:.0f} s.")
     for i, seg in enumerate(scene["camera"]):
-        parts.append(f"The camera pans {seg['direction']}" + (f" from {seg['start']:.0f} s." if i else "."))
+        parts.append(f"camera then pans {seg['direction']} from {seg['start']:.0f} s." if i else
+                     f"camera pans {seg['direction']}.")
     for g in scene["glyphs"]:
-        parts.append(f"The character {g['char']} is shown at {g['start']:.0f} s.")
+        parts.append(f"character {g['char']} at {g['start']:.0f} s.")
     for o in scene["objects"]:
-        n = len(o["bounces"])
-        parts.append(f"The {o['shape']} bounces {n} time{'' if n == 1 else 's'}"
-                     + (f" and stops at {o['stop']:.0f} s." if o["stop"] is not None else "."))
+        parts.append(f"{o['shape']} bounces {len(o['bounces'])}.")
+        if o["stop"] is not None:
+            parts.append(f"{o['shape']} stops {o['stop']:.0f} s.")
         if o["color_change"]:
-            parts.append(f"The {o['shape']} turns {o['color_change']['color']} at {o['color_change']['time']:.0f} s.")
+            parts.append(f"{o['shape']} turns {o['color_change']['color']} at {o['color_change']['time']:.0f} s.")
     return " ".join(parts)
 
 

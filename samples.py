@@ -124,7 +124,7 @@ class Samples(torch.utils.data.Dataset):
         option_ids = None
         if item.get("eval"):  # scoring: the prompt, and each option's answer for the model to weigh
             ids, labels = build_sample(self.tok, [(item["turns"][0][0], "")], video)[0][:-1], None
-            option_ids = option_answers(self.tok, item["options"])
+            option_ids = option_answers(self.tok, item["options"], item.get("subject"))
         else:
             ids, labels = build_sample(self.tok, item["turns"], video)
         return {"ids": ids, "labels": labels, "frames": frames, "video": item.get("video"), "option_ids": option_ids}
@@ -187,8 +187,9 @@ def by_length(pools, shares, sizes, batch_size, buckets):
 
 
 def mc_turn(q):
-    """A question's (prompt, answer) turn: the options listed, the answer as the model learns to say it."""
-    return format_mc(q["question"], q["options"]), mc_answer(q["options"], q["answer"])
+    """A question's (prompt, answer) turn: the options listed, the answer as the model learns to say it (restating
+    the question's subject first, where it has one)."""
+    return format_mc(q["question"], q["options"]), mc_answer(q["options"], q["answer"], q.get("subject"))
 
 
 def drill_item(q, kind=""):
@@ -204,9 +205,8 @@ def described(text, turns):
 def mc_item(q, root):
     """One multiple-choice question about its video: what evaluation scores."""
     return {"id": q.get("id"), "video": os.path.join(root, q["video"]), "turns": [mc_turn(q)],
-            "options": q["options"], "answer": q["answer"], "n_options": len(q["options"]),
-            "category": q.get("category", "unknown"),
-            "shortcut": q.get("shortcut")}
+            "options": q["options"], "answer": q["answer"], "n_options": len(q["options"]), "subject": q.get("subject"),
+            "category": q.get("category", "unknown"), "shortcut": q.get("shortcut")}
 
 
 def conversation_items(questions, root, rng, context=None, max_turns=6):
@@ -268,7 +268,8 @@ def get_tokenizer(cfg, world):
         return tok
     questions, conversations = split_rows(world, "train")
     texts = [answer for c in conversations for _, answer in turns_of(c)]
-    texts += [format_mc(q["question"], q["options"]) + mc_answer(q["options"], q["answer"]) for q in questions]
+    texts += [format_mc(q["question"], q["options"]) + mc_answer(q["options"], q["answer"], q.get("subject"))
+              for q in questions]
     tok = Tokenizer.train(texts, cfg.vocab_size)
     tok.save(path)
     return tok

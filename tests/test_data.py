@@ -4,6 +4,7 @@
 """
 import json
 import os
+import re
 from collections import Counter
 
 import numpy as np
@@ -13,6 +14,7 @@ import data
 from data import DataError, load_jsonl, make_world
 from questions import (ABSURD, CATEGORIES, COUNTS, RELATIONS, caption, copy_drills, describe_span, pick_questions,
                        reading_drills, script_texts)
+from samples import mc_turn
 from sampling import sample_uniform
 from scene import COLORS, DIRECTIONS, WorldConfig, color_at, make_scene, position_at
 
@@ -222,19 +224,42 @@ def test_reading_drills_answer_is_the_named_option_or_the_described_fact():
         if q["template"] == "which_option":
             assert answer == q["question"][len("Which option is "):-1] and "description" not in q
             continue
-        facts = q["description"][:-1].split(". ")  # the sentences of the description
+        facts = q["description"][:-1].replace(",", "").split(". ")  # the sentences of the description
         asked = q["question"][:-1].split()[-1]  # the shape, or the second
-        if q["template"] == "lookup_color":  # "A red circle appears at 2 s." / "What colour is the circle?"
-            told = {f.split()[2]: f.split()[1] for f in facts}
-        elif q["template"] == "lookup_bounces":  # "The circle bounces 2 times." / "...did the circle bounce..."
-            told, asked = {f.split()[1]: f.split()[3] for f in facts}, q["question"].split()[5]
-        else:  # "The character 7 is shown at 3 s." / "Which character was on screen at second 3?"
-            told = {f.split()[-2]: f.split()[2] for f in facts}
-        assert 2 <= len(facts) == len(told) <= 4 and told[asked] == answer, q
+        if q["template"] == "lookup_color":  # "circle red, from 2 s." / "What colour is the circle?"
+            told, subject = {f.split()[0]: f.split()[1] for f in facts}, asked
+        elif q["template"] == "lookup_bounces":  # "circle bounces 2." / "...did the circle bounce..."
+            told = {f"{f.split()[0]} bounces": f.split()[2] for f in facts}
+            subject = q["question"].split()[5] + " bounces"
+        else:  # "character 7 at 3 s." / "Which character was on screen at second 3?": the value first, as the caption
+            told, subject = {f.split()[-2]: f.split()[1] for f in facts}, None
+        assert 2 <= len(facts) == len(told) <= 4 and told[subject or asked] == answer, q
+        restated = f"{subject} " if subject else ""
+        assert q.get("subject") == subject and mc_turn(q)[1] == f" {restated}{answer} ({q['answer']})"
         if q["template"] == "lookup_color":  # the other objects' colours are the distractors: binding is needed
             assert set(q["options"]) >= set(list(told.values())[:4])
     letters = Counter(q["answer"] for q in drills)
     assert min(letters.values()) > 0.18 * len(drills)
+
+
+def test_a_question_with_a_subject_is_answered_by_the_caption_fact_of_that_key():
+    """The caption writes each fact key first, and a question's subject is the key of the fact it asks about: of
+    the question's options, its answer is the one the caption says right after the subject, once (an induction
+    step for the LM, README "Facts as keys"). A third of the questions or more have one; the rest (orders,
+    relations, counts) are not one fact of the caption."""
+    texts = script_texts(WorldConfig(seed=5, max_seconds=12.0), 150, seed=5)
+    asked = [(text, q) for text, qs in texts for q in qs]
+    keyed = [(text, q) for text, q in asked if q.get("subject")]
+    assert len(keyed) >= 0.3 * len(asked)
+    assert {q["template"] for _, q in keyed} == {"color", "color_start", "color_end", "bounces", "stop_second",
+                                                 "camera_direction", "camera_first"}
+    for text, q in keyed:
+        answer = q["options"][ord(q["answer"]) - 65]
+        said = re.findall(f"(?:^| ){re.escape(q['subject'])} ([^ ,.]+)[,. ]", text)  # what the caption says after it
+        assert [o for o in said if o in q["options"]] == [answer], (text, q)
+        assert q["subject"].split()[0] in q["question"], (text, q)
+        if q["template"] == "color":
+            assert mc_turn(q)[1] == f" {q['subject']} {answer} ({q['answer']})"
 
 
 def test_script_texts_are_repeatable_and_not_the_test_scenes():

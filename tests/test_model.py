@@ -228,13 +228,14 @@ def test_apollo_learns_a_tiny_batch():
 
 
 def test_answer_mc_picks_the_answer_the_model_learned():
-    """A tiny model memorises two answers (" blue (B)", " red (D)"); answer_mc must read back B and D."""
+    """A tiny model memorises two answers (" blue (B)", and " cross red (D)", which restates its subject);
+    answer_mc must read back B and D, scoring each option's whole answer, the subject included."""
     torch.manual_seed(0)
-    tok = Tokenizer.train(CORPUS + ["blue red green white"], 300)
-    qs = [("What colour?", ["green", "blue", "white", "red"], "B"),
-          ("Which colour?", ["blue", "green", "white", "red"], "D")]
-    assert mc_answer(qs[0][1], "B") == " blue (B)"
-    samples = [build_sample(tok, [(format_mc(q, o), mc_answer(o, a))]) for q, o, a in qs]
+    tok = Tokenizer.train(CORPUS + ["blue red green white cross"], 300)
+    qs = [("What colour?", ["green", "blue", "white", "red"], "B", None),
+          ("What colour is the cross?", ["blue", "green", "white", "red"], "D", "cross")]
+    assert mc_answer(qs[0][1], "B") == " blue (B)" and mc_answer(qs[1][1], "D", "cross") == " cross red (D)"
+    samples = [build_sample(tok, [(format_mc(q, o), mc_answer(o, a, s))]) for q, o, a, s in qs]
     S = max(len(i) for i, _ in samples)
     ids = torch.tensor([i + [PAD] * (S - len(i)) for i, _ in samples])
     labels = torch.tensor([lab + [IGNORE] * (S - len(lab)) for _, lab in samples])
@@ -245,10 +246,11 @@ def test_answer_mc_picks_the_answer_the_model_learned():
         loss.backward()
         opt.step()
         opt.zero_grad()
-    prompts = [build_sample(tok, [(format_mc(q, o), "")])[0][:-1] for q, o, _ in qs]
+    prompts = [build_sample(tok, [(format_mc(q, o), "")])[0][:-1] for q, o, _, _ in qs]
     P = max(map(len, prompts))
     batch = torch.tensor([p + [PAD] * (P - len(p)) for p in prompts])
-    answers = [option_answers(tok, o) for _, o, _ in qs]
+    answers = [option_answers(tok, o, s) for _, o, _, s in qs]
+    assert len({tuple(a[:len(tok.encode(" cross"))]) for a in answers[1]}) == 1  # one subject, said alike
     choice = answer_mc(model.eval(), batch, torch.tensor([len(p) for p in prompts]), None, answers)
     assert choice.tolist() == [1, 3]
 

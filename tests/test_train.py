@@ -242,7 +242,7 @@ def test_checkpoint_from_another_config_is_refused(tiny_world, tmp_path):
 def test_a_checkpoint_from_before_a_key_was_added_means_that_keys_old_value(tmp_path):
     """A checkpoint written before --motion, --lm_smear and --token_norm existed was trained without the first two
     and with the RMSNorm: it loads into a run that says so, and the default run refuses it, naming the keys."""
-    old = config_from_args(["--preset=smoke", "--motion=false", "--token_norm=rms"])
+    old = config_from_args(["--preset=smoke", "--motion=false", "--token_norm=rms", "--lm_smear=false"])
     model = train.Apollo(train.model_config(old, 300))
     ckpt = {"model": model.state_dict(), "stage": "sft", "step": 3,
             "config": {k: v for k, v in dataclasses.asdict(old).items()
@@ -250,7 +250,8 @@ def test_a_checkpoint_from_before_a_key_was_added_means_that_keys_old_value(tmp_
     torch.save(ckpt, tmp_path / "old.pt")
     assert "motion_embed" not in str(list(ckpt["model"])) and "resampler.norm.weight" in ckpt["model"]
     model.load_state_dict(train.load_checkpoint(str(tmp_path / "old.pt"), old)["model"])
-    with pytest.raises(ConfigError, match="motion=False there, True here.*token_norm=rms there, batch here"):
+    with pytest.raises(ConfigError, match="motion=False there, True here.*token_norm=rms there, batch here.*"
+                                          "lm_smear=False there, True here"):
         train.load_checkpoint(str(tmp_path / "old.pt"), config_from_args(["--preset=smoke"]))
 
 
