@@ -12,9 +12,10 @@ import pytest
 
 import data
 from data import DataError, load_jsonl, make_world
-from questions import (ABSURD, CATEGORIES, COUNTS, RELATIONS, caption, copy_drills, describe_span, pick_questions,
+from integrate import Tokenizer, option_answers
+from questions import (ABSURD, CATEGORIES, COUNTS, RELATIONS, caption, copy_drills, describe_span, mc, pick_questions,
                        reading_drills, script_texts)
-from samples import mc_turn
+from samples import Samples, mc_item, mc_turn
 from sampling import sample_uniform
 from scene import COLORS, DIRECTIONS, WorldConfig, color_at, make_scene, position_at
 
@@ -260,6 +261,19 @@ def test_a_question_with_a_subject_is_answered_by_the_caption_fact_of_that_key()
         assert q["subject"].split()[0] in q["question"], (text, q)
         if q["template"] == "color":
             assert mc_turn(q)[1] == f" {q['subject']} {answer} ({q['answer']})"
+
+
+def test_a_scored_question_weighs_answers_that_restate_its_subject_as_it_was_trained_to():
+    """The subject travels from the JSONL row to what evaluation scores: each option's answer starts with it, the
+    way the training turn says it (else the model would be scored on answers it was never trained to give)."""
+    q = mc(np.random.default_rng(0), "perception", "color", "What colour is the cross?", "blue", list(COLORS),
+           subject="cross")
+    tok = Tokenizer.train(["cross blue red green white (A) (B) (C) (D)"] * 5, 300)
+    item = dict(mc_item(dict(q, video="v.mp4"), "world"), video=None, eval=True)
+    scored = Samples([item], tok, None, 0)[0]["option_ids"]
+    assert scored == option_answers(tok, q["options"], "cross")
+    assert [tok.decode(a) for a in scored] == [f" cross {o} ({'ABCD'[k]})" for k, o in enumerate(q["options"])]
+    assert tok.decode(scored["ABCD".index(q["answer"])]) == mc_turn(q)[1]
 
 
 def test_script_texts_are_repeatable_and_not_the_test_scenes():
