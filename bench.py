@@ -147,9 +147,9 @@ def drills(model, tok, cfg, env, n=400, seed=12345):
 
 def writing(model, tok, cfg, env, root, split):
     """How well the model writes a split's captions, which is all that align and vision train on: the mean loss per
-    caption token given the video, given the same prompt without it, and as plain text with no prompt (the way
-    stage lm writes them). An LM that cannot write captions leaves align nothing to align to. None where the
-    split has no captions."""
+    caption token given the video, given the same prompt without it, and as plain text with no prompt (as stage
+    lm wrote them before it learned them after align's prompt). An LM that cannot write captions leaves align
+    nothing to align to. None where the split has no captions."""
     items = [samples.caption_item(c, root) for c in samples.split_rows(root, split)[1] if samples.turns_of(c)]
     if not items:
         return None

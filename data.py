@@ -230,6 +230,10 @@ def check_record(row, where):
     letters = [chr(ord("A") + k) for k in range(len(opts))]
     if row["answer"] not in letters:
         raise DataError(f"{where}: 'answer' must be one of {letters}, got {row['answer']!r}")
+    subject = row.get("subject")  # the fact's key that the answer restates (questions.mc): text, or absent
+    if subject is not None and not (isinstance(subject, str) and subject.strip() and "\n" not in subject):
+        raise DataError(f"{where}: 'subject' must be a non-empty one-line string (the key the answer restates, "
+                        f"'cross blue'), got {subject!r}")
 
 
 if __name__ == "__main__":

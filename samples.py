@@ -7,8 +7,8 @@ to the samples of the stages of Apollo §5 and Appendix C, and the multiple-choi
 - `collate`, `batches`: batches of one kind each (short drills apart from long conversations), resumable.
 - the items: a question's turn (`mc_turn`), a video's questions as one conversation, its caption, the
   caption standing for the video in text-only samples (`described`), and `stage_items`, what each stage
-  is fed: lm plain text, drills and unrendered scripts; align and vision captions; sft questions, some
-  captions and some text. `get_tokenizer` learns the run's tokenizer from the same texts.
+  is fed: lm text (captions after align's prompt), drills and unrendered scripts; align and vision captions; sft
+  questions, some captions and some text. `get_tokenizer` learns the run's tokenizer from the same texts.
 """
 import functools
 import os
@@ -285,15 +285,15 @@ def stage_items(stage, world, cfg, rng):
     captions = [c for c in captions if turns_of(c)]
     context = {c["video"]: turns_of(c)[0][1] for c in captions}
     text_qa = conversation_items(questions, world, rng, context)  # text only: the caption stands for the video
-    if stage == "lm":  # plain text: captions (the loss covers the whole text), drills, questions on captions
-        texts = [answer for c in captions for _, answer in turns_of(c)]
+    if stage == "lm":  # text: captions, drills, questions on captions. A caption comes after the prompt that align
+        # gives it ("Describe the video."), so that align starts from an LM that writes captions there (README)
         drills = [drill_item(q, "drill") for q in reading_drills(rng, cfg.drills)]
         copies = [{"kind": "copy", "turns": [turn]} for turn in copy_drills(rng, cfg.copy_drills)]
         # scenes scripted but never rendered: the caption stands for the video, as in text_qa
         scripted = script_texts(world_config(cfg), cfg.lm_scenes, cfg.seed)
         scripts = conversation_items([dict(q, video=f"script {i}") for i, (_, qs) in enumerate(scripted) for q in qs],
                                      world, rng, context={f"script {i}": text for i, (text, _) in enumerate(scripted)})
-        return [{"turns": [("", t)]} for t in texts] + text_qa + drills + copies + scripts
+        return [{"turns": turns_of(c)} for c in captions] + text_qa + drills + copies + scripts
     if stage in ("align", "vision"):  # captions; a user's data without any: its questions
         return [caption_item(c, world) for c in captions] or conversation_items(questions, world, rng)
     share = 1.0 if cfg.schedule == 1 else cfg.sft_caption_share  # one stage: the captions of all stages

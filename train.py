@@ -13,7 +13,7 @@ Apollo paper §5 and Appendix C (the training stages); DESIGN.md (the contracts)
 Stages, in order (a stage whose checkpoint is in out_dir is reused, not re-run):
     encoders  the vision encoders against a text tower on frame- and clip-caption pairs (SigLIP or CLIP loss; or
             masked video for the video encoder); val retrieval -> retrieval.json (--encoders_steps=0 skips it)
-    lm      the decoder LM learns the language: captions, questions and answers as plain text, reading drills
+    lm      the decoder LM learns the language: captions (after align's prompt), questions and answers, reading drills
     align   connector (projector + Perceiver) only; encoders and LM frozen; video captions   (Apollo stage 1)
     vision  encoders + connector; LM frozen; video captions                                 (Apollo stage 2)
     sft     connector + LM; encoders frozen; multiple choice + captions + text-only mixed     (Apollo stage 3)

@@ -174,7 +174,8 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
     good = {"id": "q", "video": "v.mp4", "question": "?", "options": ["a", "b"], "answer": "B"}
     cases = {"{not json": "not valid JSON", json.dumps({**good, "answer": "C"}): "'answer' must be one of",
              json.dumps({k: v for k, v in good.items() if k != "options"}): "missing key 'options'",
-             "[1, 2]": "expected a JSON object", json.dumps({**good, "video": 3}): "missing key 'video'"}
+             "[1, 2]": "expected a JSON object", json.dumps({**good, "video": 3}): "missing key 'video'",
+             json.dumps({**good, "subject": 3}): "'subject' must be", json.dumps({**good, "subject": ""}): "'subject'"}
     for line, message in cases.items():
         path = tmp_path / "bad.jsonl"
         path.write_text(json.dumps(good) + "\n\n" + line + "\n")
@@ -182,6 +183,8 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
             load_jsonl(str(path))
     with pytest.raises(DataError, match="missing.jsonl: cannot open"):
         load_jsonl(str(tmp_path / "missing.jsonl"))
+    path.write_text(json.dumps({**good, "subject": "cross blue"}) + "\n")  # a subject: one line of text
+    assert load_jsonl(str(path))[0]["subject"] == "cross blue"
 
 
 def test_option_order_does_not_give_the_answer_away():

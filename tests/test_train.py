@@ -153,7 +153,9 @@ def test_lm_stage_reads_captions_drills_and_unrendered_scripts(tiny_world, tmp_p
     copies = [it["turns"][0] for it in items if it.get("kind") == "copy"]  # their own pool: the warm-up draws it
     assert len(copies) == 10 and all(p.split()[-1] + a in p for p, a in copies)
     captions = {samples.turns_of(c)[0][1] for c in samples.split_rows(world, "train")[1]}
-    assert captions <= {it["turns"][0][1] for it in items if it["turns"][0][0] == ""}  # plain text: the captions
+    # each caption after the prompt that align will give it with its video ("Describe the video."): the same text
+    aligned = {tuple(it["turns"][0]) for it in samples.stage_items("align", world, cfg, np.random.default_rng(0))}
+    assert {tuple(it["turns"][0]) for it in items if it["turns"][0][1] in captions} == aligned
     read = [it["turns"][0][0].split("\n")[0][len("Description: "):] for it in items
             if not it.get("kind") and it["turns"][0][0].startswith("Description: ")]
     assert len({r for r in read if r not in captions}) == 20  # the scripted scenes, beside the world's own
