@@ -133,8 +133,9 @@ PRESETS = {
                   max_clips=2, log_every=1, ckpt_every=2),
     "cpu": dict(max_seconds=12.0),
     "study": dict(n_train=300, n_val=40, n_test=80, max_seconds=12.0, batch_size=16, lm_steps=1600, align_steps=40,
-                  vision_steps=40, sft_steps=150, encoders_steps=300),  # sweep.py: a run in ~3 min on 2 CPU cores;
-    # lm: the default's samples (800 batches of 32), which find the caption's lookups (800 of 16 did not: README)
+                  vision_steps=40, sft_steps=300, encoders_steps=300),  # sweep.py: a run in ~4 min on 2 CPU cores;
+    # lm: the default's samples (800 batches of 32), which find the caption's lookups (800 of 16 did not: README);
+    # sft: where the LM learns to read the video (the frozen LM of align and vision does not: README, "Align's prompt")
     "gpu": dict(n_train=2500, n_val=200, n_test=300, max_seconds=12.0, fps=2.0, image_size=64, vit_dim=192,
                 vit_layers=6, vit_heads=6, resampler_layers=3, lm_dim=512, lm_layers=8, lm_heads=8, vocab_size=1024,
                 batch_size=64, encoders_steps=600, lm_steps=3000, align_steps=200, vision_steps=200, sft_steps=600,
