@@ -553,10 +553,11 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     resumed = subprocess.run([*args, f"--out_dir={out}", "--resume"], cwd=ROOT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming the run configured in" in resumed.stdout and "[sft] resuming from step" in resumed.stdout
-    a = torch.load(tmp_path / "whole" / "sft.pt", weights_only=True)["model"]
-    b = torch.load(out / "sft.pt", weights_only=True)["model"]
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    for stage in ("lm", "align", "vision", "sft"):  # the stages before the kill first: a difference names its stage
+        a = torch.load(tmp_path / "whole" / f"{stage}.pt", weights_only=True)["model"]
+        b = torch.load(out / f"{stage}.pt", weights_only=True)["model"]
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=f"{stage}.pt: {name}")
 
 
 def test_freed_memory_stays_in_the_process_under_glibc():
