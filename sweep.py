@@ -21,6 +21,7 @@ timestamp, schedule's 3 stages, the tokens study's fps 1 x 8 tpf and scaling's p
 results and is not trained again; the report names the runs it took.
 """
 import ast
+import collections
 import glob
 import hashlib
 import itertools
@@ -29,12 +30,15 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from dataclasses import asdict
 
 import numpy as np
 
 from config import config_from_args
+from data import load_jsonl, world_dir
 from questions import CATEGORIES
+from samples import world_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -227,7 +231,27 @@ def mean_std(values):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def summarise(results):
+def per_template(runs, root):
+    """Each question template's accuracy with the video, without it and with the caption, pooled over runs (their
+    answers.jsonl joined by id to their world's test.jsonl; shortcut questions left out): where the video is read and
+    where it is not, which a category's mean over its templates hides. {template: {"n", "video", "text", "caption"}}"""
+    counts = collections.defaultdict(collections.Counter)
+    for run in (os.path.join(root, r) for r in runs if r):
+        if not os.path.exists(os.path.join(run, "answers.jsonl")):
+            continue
+        cfg = types.SimpleNamespace(**json.load(open(os.path.join(run, "config.json"))))  # the run's config
+        world = world_dir(world_config(cfg), os.path.join(HERE, cfg.data_dir))  # (train.py ran in HERE)
+        template = {q["id"]: q["template"] for q in load_jsonl(os.path.join(world, "test.jsonl"))}
+        for a in map(json.loads, open(os.path.join(run, "answers.jsonl"))):
+            if not a["shortcut"]:
+                counts[template[a["id"]]].update(n=1, **{way: a[f"with{key}"] == a["answer"] for way, key in
+                                                        (("video", "_video"), ("text", "out_video"),
+                                                         ("caption", "_caption"))})
+    return {t: {"n": c["n"], **{way: c[way] / c["n"] for way in ("video", "text", "caption")}}
+            for t, c in sorted(counts.items())}
+
+
+def summarise(results, root="results"):
     """variant -> {"overall": (mean, std), category: (mean, std), "n_seeds": n, ...}. Two are paired: "video_adds",
     each run's score less its own score without the video; "vs_first", each seed's score less the first variant's
     on that seed. A seed's variants share its world and its LM, so what varies from world to world cancels in the
@@ -241,7 +265,8 @@ def summarise(results):
                                        if "without_video" in r]),  # (4 decimals, as eval.json's scores)
                "vs_first": mean_std([round(r["overall"] - f["overall"], 4) for r, f in zip(runs, first)]),
                "tokens_rank": mean_std([sp.get("tokens") for sp in spreads]),
-               "tokens_share": mean_std([sp.get("share") for sp in spreads]), "runs": [r.get("run") for r in runs]}
+               "tokens_share": mean_std([sp.get("share") for sp in spreads]), "runs": [r.get("run") for r in runs],
+               "templates": per_template([r.get("run") for r in runs], root)}
         for c in CATEGORIES:
             row[c] = mean_std([r["categories"].get(c) for r in runs])
         out[variant] = row
@@ -326,6 +351,15 @@ def report(name, summary, seeds, preset):
                      f"7B: 0.831); the correlation r = {r:+.3f} ({'the same order' if r > 0 else 'the order reversed'}"
                      f"); permutation p {p:.3f} (one-sided: the share of the orderings of the large LM's scores that "
                      "correlate with the small's as well or better).")
+    templates = summary[first].get("templates") if first else None
+    if templates:  # what the category means average away: which templates the video is read for
+        lines += ["", "Per question template, pooled over the seeds (shortcut questions left out): accuracy with the "
+                  f"video / without it / with the caption in its place. n: {first}'s questions.", "",
+                  "| template | n | " + " | ".join(summary) + " |", "|---|---|" + "---|" * len(summary)]
+        for t, c in templates.items():
+            cells = [summary[v]["templates"].get(t) for v in summary]
+            lines.append(f"| {t} | {c['n']} | " + " | ".join(
+                "-" if x is None else f"{x['video']:.2f} / {x['text']:.2f} / {x['caption']:.2f}" for x in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -382,7 +416,7 @@ def main(argv):
         raise SystemExit(f"error: unknown study {unknown[0]!r}; choose from {list(STUDIES)}")
     seeds, preset, root = int(opts.get("seeds", 3)), opts.get("preset", "study"), opts.get("root", "results")
     for name in names:
-        summary = summarise(run_study(name, seeds, preset, root))
+        summary = summarise(run_study(name, seeds, preset, root), root)
         os.makedirs(root, exist_ok=True)
         text = report(name, summary, seeds, preset)
         if plot(name, summary, os.path.join(root, f"{name}.png")):

@@ -87,6 +87,44 @@ def test_paired_differences_cancel_what_a_seed_shares(monkeypatch):
     assert "Paired by seed" not in text  # no spread to measure a difference against: no ratio printed
 
 
+def test_per_template_scores_join_each_run_to_its_own_world(tmp_path, monkeypatch):
+    """Two seeds' worlds reuse question ids (q0 is colour in one, count in the other): each run's answers are read
+    against its own world's templates, shortcut questions are left out, and the report prints the pooled table."""
+    import dataclasses
+    import json
+
+    from config import Config
+    from data import world_dir
+    from samples import world_config
+    worlds = {0: {"q0": "color", "q1": "count", "q2": "color"}, 1: {"q0": "count", "q1": "color", "q2": "count"}}
+    answers = {0: [("q0", "A", "A", "B", "A"), ("q1", "B", "C", "B", "B"), ("q2", "C", "C", "C", "C")],
+               1: [("q0", "A", "A", "A", "C"), ("q1", "D", "D", "D", "D"), ("q2", "B", "B", "B", "B")]}
+    runs = []
+    for seed, templates in worlds.items():
+        cfg = dataclasses.replace(Config(), seed=seed, data_dir=str(tmp_path / "data"))
+        world = world_dir(world_config(cfg), cfg.data_dir)
+        os.makedirs(world)
+        with open(os.path.join(world, "test.jsonl"), "w") as f:
+            f.writelines(json.dumps({"id": q, "template": t, "video": "videos/v.mp4", "question": "?", "answer": "A",
+                                    "options": ["a", "b", "c", "d"], "category": "perception"}) + "\n"
+                         for q, t in templates.items())
+        run = tmp_path / "runs" / "x" / f"v-s{seed}"
+        os.makedirs(run)
+        (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+        (run / "answers.jsonl").write_text("".join(json.dumps(
+            {"id": q, "answer": a, "with_video": v, "without_video": b, "with_caption": c,
+             "shortcut": "text" if q == "q2" else None}) + "\n" for q, a, v, b, c in answers[seed]))
+        runs.append(f"runs/x/v-s{seed}")
+    got = sweep.per_template(runs, str(tmp_path))
+    assert got == {"color": {"n": 2, "video": 1.0, "text": 0.5, "caption": 1.0},
+                   "count": {"n": 2, "video": 0.5, "text": 1.0, "caption": 0.5}}
+    run = {"overall": 0.3, "categories": {}, "without_video": {"overall": 0.3}, "visual_spread": None}
+    summary = sweep.summarise({"v": [dict(run, run=r) for r in runs]}, str(tmp_path))
+    monkeypatch.setitem(sweep.STUDIES, "x", dict(sweep.STUDIES["resampler"], variants={"v": []}, paper={}))
+    text = sweep.report("x", summary, 2, "study")
+    assert "| template | n | v |" in text and "| count | 2 | 0.50 / 1.00 / 0.50 |" in text
+
+
 def test_the_scaling_variants_are_distinct_configurations():
     """Each of the scaling study's points is its own configuration at each LM size (the R^2 would count twice a
     point that two names give: the resampler study's perceiver is integration's timestamp and schedule's 3 stages)."""
