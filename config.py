@@ -247,10 +247,28 @@ def keep_freed_memory():
     return bool(big and libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
 
 
+def fixed_blas_threads():
+    """Make MKL's matmuls (torch's CPU BLAS on x86) give the same bits from one run to the next. By default MKL may
+    change how many threads a matmul uses from one call to the next (MKL_DYNAMIC), and a matmul split another way
+    rounds its sums another way: two runs of one config part in the last bits, and training grows that into other
+    weights (README, "Speed"). Intel's conditions for repeatable results (oneMKL developer guide, "Reproducibility
+    Conditions") are met here: dynamic threading off, and strict CNR (MKL_CBWR=AUTO,STRICT), under which a matmul
+    gives the same bits at any thread count. MKL reads MKL_CBWR when it first runs: setup calls this before the model
+    is built. No MKL in this torch (ARM, macOS): nothing to set, False."""
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # (a user's own setting stands)
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        lib.MKL_Set_Dynamic(0)
+        return lib.mkl_serv_get_dynamic() == 0
+    except (OSError, AttributeError):  # no such library, or no MKL in it
+        return False
+
+
 def setup(cfg):
     """The device, bf16 and compile choices, and the processes of a torchrun (RANK and WORLD_SIZE in the environment;
     one process otherwise): env, handed to everything that trains."""
     keep_freed_memory()
+    fixed_blas_threads()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(cfg.device)
     if device.type == "cuda":  # TF32 for the fp32 matmuls autocast leaves; without it Inductor skips fusing attention

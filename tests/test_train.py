@@ -560,6 +560,27 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=f"{stage}.pt: {name}")
 
 
+def test_mkl_matmuls_repeat_to_the_bit_after_setup():
+    """MKL_DYNAMIC (on by default) lets MKL change a matmul's thread count between calls, and with it the rounding:
+    config.setup turns it off wherever this torch carries MKL, and asks for strict CNR, under which the thread count
+    does not change the bits."""
+    import ctypes
+    import platform
+    has_mkl = torch.backends.mkl.is_available() and platform.machine() in ("x86_64", "AMD64")
+    config.setup(config.config_from_args(["--preset=smoke", "--device=cpu"]))
+    if has_mkl:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        assert lib.mkl_serv_get_dynamic() == 0
+    assert config.fixed_blas_threads() is has_mkl
+    # strict CNR, read when MKL first runs (so in a fresh process): a matmul gives the same bits on 1 thread and on 2
+    code = ("import torch, config; config.setup(config.config_from_args(['--preset=smoke', '--device=cpu'])); "
+            "torch.set_num_threads(2); g = torch.Generator().manual_seed(0); "
+            "a, b = torch.randn(300, 2400, generator=g), torch.randn(2400, 32, generator=g); two = a @ b; "
+            "torch.set_num_threads(1); print(torch.equal(two, a @ b))")
+    same = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert same.stdout.strip() == "True" or not has_mkl
+
+
 def test_freed_memory_stays_in_the_process_under_glibc():
     """config.setup asks glibc to keep freed blocks (no page faults on every step's activations); elsewhere it is a
     no-op that says so."""
