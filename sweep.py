@@ -231,6 +231,9 @@ def mean_std(values):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+WAYS = {"video": "with_video", "text": "without_video", "caption": "with_caption"}  # answers.jsonl's choices
+
+
 def per_template(runs, root):
     """Each question template's accuracy with the video, without it and with the caption, pooled over runs (their
     answers.jsonl joined by id to their world's test.jsonl; shortcut questions left out): where the video is read and
@@ -242,13 +245,10 @@ def per_template(runs, root):
         cfg = types.SimpleNamespace(**json.load(open(os.path.join(run, "config.json"))))  # the run's config
         world = world_dir(world_config(cfg), os.path.join(HERE, cfg.data_dir))  # (train.py ran in HERE)
         template = {q["id"]: q["template"] for q in load_jsonl(os.path.join(world, "test.jsonl"))}
-        for a in map(json.loads, open(os.path.join(run, "answers.jsonl"))):
+        for a in map(json.loads, open(os.path.join(run, "answers.jsonl"))):  # (not questions: load_jsonl would refuse)
             if not a["shortcut"]:
-                counts[template[a["id"]]].update(n=1, **{way: a[f"with{key}"] == a["answer"] for way, key in
-                                                        (("video", "_video"), ("text", "out_video"),
-                                                         ("caption", "_caption"))})
-    return {t: {"n": c["n"], **{way: c[way] / c["n"] for way in ("video", "text", "caption")}}
-            for t, c in sorted(counts.items())}
+                counts[template[a["id"]]].update(n=1, **{way: a[key] == a["answer"] for way, key in WAYS.items()})
+    return {t: {"n": c["n"], **{way: c[way] / c["n"] for way in WAYS}} for t, c in sorted(counts.items())}
 
 
 def summarise(results, root="results"):
