@@ -5,6 +5,7 @@ installed a plot like the paper's figure.
 
     python sweep.py resampler               # one study at the study preset (each within an hour on 2 CPU cores)
     python sweep.py tokens --seeds=5 --preset=cpu
+    python sweep.py resampler --test_videos=1000   # its runs scored again on 1,000 test videos a seed
     python sweep.py --list                  # the studies and their variants
 
 Every run is a plain `train.py` run in its own folder, results/runs/STUDY/VARIANT-sSEED, so a study that is
@@ -19,6 +20,11 @@ from that encoders.pt, the way the paper's variants all start from one SigLIP an
 configuration another study has already run at this code (the defaults are resampler's perceiver, integration's
 timestamp, schedule's 3 stages, the tokens study's fps 1 x 8 tpf and scaling's perceiver @ large) takes that run's
 results and is not trained again; the report names the runs it took.
+
+A run's own test split (80 videos at the study preset, about 310 questions) measures its score to about +- 2.6 points,
+as much as variants differ here. --test_videos=N scores every finished run again, without training, on N test videos
+of its seed's world: the same generator, so its own test videos and N less them new ones (rescore); the report is
+results/STUDY-testN.md.
 """
 import ast
 import collections
@@ -220,6 +226,35 @@ def slug(text):
     return "".join(c if c.isalnum() else "_" for c in text).strip("_")
 
 
+def test_world(cfg, test_videos=None):
+    """The world a run is scored on: its own (test_videos None) or a test split of test_videos videos from its seed,
+    nothing else generated. A video and its questions come from (seed, split, index) alone (data.make_video), so the
+    first n_test of them are the run's own test videos, and none is a training video."""
+    return world_config(cfg) if test_videos is None else world_config(cfg, n_train=0, n_val=0, n_test=test_videos)
+
+
+def rescore(run, test_videos, log=print):
+    """A finished run's final checkpoint scored on test_videos test videos (test_world), as train.py scores its own
+    split: eval-testN.json and answers-testN.jsonl in the run's folder, kept while the checkpoint is the same."""
+    from bench import load_run  # (torch and the model: only when a study is scored again)
+    from data import make_world
+    from evaluate import score_test_split
+    name = f"test{test_videos}"
+    ckpt, path = os.path.join(run, "sft.pt"), os.path.join(run, f"eval-{name}.json")
+    made = [made_by(run), os.path.getsize(ckpt), os.path.getmtime(ckpt)]
+    if os.path.exists(path) and json.load(open(path)).get("made_from") == made:
+        return json.load(open(path))
+    model, tok, cfg, env = load_run(ckpt)
+    world = make_world(test_world(cfg, test_videos), os.path.join(HERE, cfg.data_dir), log=lambda *a: None)
+    result = score_test_split(model, world, tok, cfg, env)
+    with open(os.path.join(run, f"answers-{name}.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in result.pop("answers"))
+    with open(path, "w") as f:
+        json.dump({**result, "made_from": made}, f, indent=1)
+    log(f"scored {run} on {test_videos} test videos: {result['overall']:.3f} (n={result['n']})")
+    return result
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The report
 
@@ -234,24 +269,25 @@ def mean_std(values):
 WAYS = {"video": "with_video", "text": "without_video", "caption": "with_caption"}  # answers.jsonl's choices
 
 
-def per_template(runs, root):
+def per_template(runs, root, test_videos=None):
     """Each question template's accuracy with the video, without it and with the caption, pooled over runs (their
     answers.jsonl joined by id to their world's test.jsonl; shortcut questions left out): where the video is read and
     where it is not, which a category's mean over its templates hides. {template: {"n", "video", "text", "caption"}}"""
     counts = collections.defaultdict(collections.Counter)
+    answers = "answers.jsonl" if test_videos is None else f"answers-test{test_videos}.jsonl"  # (rescore's)
     for run in (os.path.join(root, r) for r in runs if r):
-        if not os.path.exists(os.path.join(run, "answers.jsonl")):
+        if not os.path.exists(os.path.join(run, answers)):
             continue
         cfg = types.SimpleNamespace(**json.load(open(os.path.join(run, "config.json"))))  # the run's config
-        world = world_dir(world_config(cfg), os.path.join(HERE, cfg.data_dir))  # (train.py ran in HERE)
+        world = world_dir(test_world(cfg, test_videos), os.path.join(HERE, cfg.data_dir))  # (train.py ran in HERE)
         template = {q["id"]: q["template"] for q in load_jsonl(os.path.join(world, "test.jsonl"))}
-        for a in map(json.loads, open(os.path.join(run, "answers.jsonl"))):  # (not questions: load_jsonl would refuse)
+        for a in map(json.loads, open(os.path.join(run, answers))):  # (not questions: load_jsonl would refuse)
             if not a["shortcut"]:
                 counts[template[a["id"]]].update(n=1, **{way: a[key] == a["answer"] for way, key in WAYS.items()})
     return {t: {"n": c["n"], **{way: c[way] / c["n"] for way in WAYS}} for t, c in sorted(counts.items())}
 
 
-def summarise(results, root="results"):
+def summarise(results, root="results", test_videos=None):
     """variant -> {"overall": (mean, std), category: (mean, std), "n_seeds": n, ...}. Two are paired: "video_adds",
     each run's score less its own score without the video; "vs_first", each seed's score less the first variant's
     on that seed. A seed's variants share its world and its LM, so what varies from world to world cancels in the
@@ -266,7 +302,8 @@ def summarise(results, root="results"):
                "vs_first": mean_std([round(r["overall"] - f["overall"], 4) for r, f in zip(runs, first)]),
                "tokens_rank": mean_std([sp.get("tokens") for sp in spreads]),
                "tokens_share": mean_std([sp.get("share") for sp in spreads]), "runs": [r.get("run") for r in runs],
-               "templates": per_template([r.get("run") for r in runs], root)}
+               "templates": per_template([r.get("run") for r in runs], root, test_videos),
+               "n": [r.get("n") for r in runs]}
         for c in CATEGORIES:
             row[c] = mean_std([r["categories"].get(c) for r in runs])
         out[variant] = row
@@ -299,13 +336,14 @@ def scaling_pairs(summary, which=0):
             for v in SCALING_VARIANTS]
 
 
-def report(name, summary, seeds, preset):
+def report(name, summary, seeds, preset, test_videos=None):
     study, first = STUDIES[name], next(iter(summary), "")
+    scored = "" if test_videos is None else f" --test_videos={test_videos}"
 
     def cell(ms):
         return "-" if ms[0] is None else f"{100 * ms[0]:.1f} +- {100 * ms[1]:.1f}"
     lines = [f"# Study `{name}`: {study['what']}", "",
-             f"`python sweep.py {name} --seeds={seeds} --preset={preset}`; accuracy in %, mean +- std over "
+             f"`python sweep.py {name} --seeds={seeds} --preset={preset}{scored}`; accuracy in %, mean +- std over "
              f"{seeds} seeds (the headline score: shortcut questions left out); without the video: the same model and "
              "questions, no visual tokens (what the text and the model's priors give); tokens rank: the effective "
              "rank, across test videos, of the connector's tokens (eval.json's visual_spread; near 1: the connector "
@@ -325,6 +363,13 @@ def report(name, summary, seeds, preset):
                      + ("-" if rank[0] is None else f"{rank[0]:.2f} +- {rank[1]:.2f}") + " | "
                      + ("-" if share[0] is None else cell(share))
                      + f" | {paper if paper is not None else ''} |")
+    n = [k for row in summary.values() for k in row.get("n", []) if k]
+    if n:  # the noise of one score on n questions, which the seed std carries too
+        p = summary[first]["overall"][0]
+        where = "its own test split" if test_videos is None else f"{test_videos} test videos of its seed (rescore)"
+        lines += ["", f"Each run is scored on {where}: {min(n)} to {max(n)} questions, so its score alone is uncertain "
+                  f"by about +- {100 * (p * (1 - p) / np.mean(n)) ** 0.5:.1f} points (the binomial standard error at "
+                  f"{100 * p:.0f}%), part of every std here."]
     ranked = sorted(summary, key=lambda v: -summary[v]["overall"][0])
     gap = summary[ranked[0]]["overall"][0] - summary[ranked[-1]]["overall"][0]
     spread = np.mean([summary[v]["overall"][1] for v in summary])
@@ -414,14 +459,27 @@ def main(argv):
     unknown = [n for n in names if n not in STUDIES]
     if unknown:
         raise SystemExit(f"error: unknown study {unknown[0]!r}; choose from {list(STUDIES)}")
+    for key in opts:  # a mistyped option is an error, not a default silently used
+        if key not in ("list", "seeds", "preset", "root", "test_videos"):
+            raise SystemExit(f"error: sweep.py: unknown option --{key}; it takes --seeds, --preset, --root, "
+                             "--test_videos, --list")
     seeds, preset, root = int(opts.get("seeds", 3)), opts.get("preset", "study"), opts.get("root", "results")
+    test_videos = opts.get("test_videos")
+    if test_videos is not None and not (test_videos.isdigit() and int(test_videos) > 0):
+        raise SystemExit(f"error: sweep.py: --test_videos takes a number of videos, got {test_videos!r}")
+    test_videos = test_videos and int(test_videos)
     for name in names:
-        summary = summarise(run_study(name, seeds, preset, root), root)
+        results = run_study(name, seeds, preset, root)
+        if test_videos is not None:  # every run scored again on a larger test split of its seed's world
+            results = {v: [{**rescore(os.path.join(root, r["run"]), test_videos), "run": r["run"]} for r in runs]
+                       for v, runs in results.items()}
+        summary = summarise(results, root, test_videos)
         os.makedirs(root, exist_ok=True)
-        text = report(name, summary, seeds, preset)
-        if plot(name, summary, os.path.join(root, f"{name}.png")):
-            text += f"\n![{name}]({name}.png)\n"
-        with open(os.path.join(root, f"{name}.md"), "w") as f:
+        text = report(name, summary, seeds, preset, test_videos)
+        out = name if test_videos is None else f"{name}-test{test_videos}"
+        if plot(name, summary, os.path.join(root, f"{out}.png")):
+            text += f"\n![{name}]({out}.png)\n"
+        with open(os.path.join(root, f"{out}.md"), "w") as f:
             f.write(text)
         print(text)
     return None

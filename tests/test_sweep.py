@@ -171,3 +171,47 @@ def test_each_kind_of_plot_is_drawn(tmp_path, name):
                for i, v in enumerate(sweep.STUDIES[name]["variants"])}
     path = sweep.plot(name, summary, str(tmp_path / f"{name}.png"))
     assert path and os.path.getsize(path) > 1000
+
+
+def test_rescore_scores_a_run_on_more_test_videos_of_its_own_seed(tmp_path, monkeypatch):
+    """--test_videos=N: a finished run is scored again, without training, on N test videos of its seed; the first of
+    them are its own test videos (same bytes, same questions), the score is kept until the checkpoint changes, and
+    the report names the larger split and the binomial error of one score."""
+    import json
+
+    from data import load_jsonl, world_dir
+    from samples import world_config
+    monkeypatch.setitem(sweep.STUDIES, "one", {"what": "the default connector", "paper": {},
+                                               "variants": {"perceiver": ["--resampler=perceiver"]}})
+    root = str(tmp_path)
+    monkeypatch.chdir(tmp_path)  # main writes its report under --root
+    sweep.main(["one", "--seeds=1", "--preset=smoke", f"--root={root}"])
+    run = tmp_path / "runs" / "one" / "perceiver-s0"
+    own = json.loads((run / "eval.json").read_text())
+    sweep.main(["one", "--seeds=1", "--preset=smoke", f"--root={root}", "--test_videos=12"])
+    again = json.loads((run / "eval-test12.json").read_text())
+    assert again["n"] > own["n"] and (tmp_path / "one-test12.md").exists()
+    cfg = sweep.types.SimpleNamespace(**json.loads((run / "config.json").read_text()))
+    mine = world_dir(world_config(cfg), cfg.data_dir)
+    bigger = world_dir(sweep.test_world(cfg, 12), cfg.data_dir)
+    assert sorted(os.listdir(os.path.join(bigger, "videos")))[-1] == "test_00011.mp4"  # no training video made
+    questions, more = load_jsonl(os.path.join(mine, "test.jsonl")), load_jsonl(os.path.join(bigger, "test.jsonl"))
+    assert more[:len(questions)] == questions and len(more) > len(questions)
+    for name in {q["video"] for q in questions}:  # the run's own test videos, the same bytes
+        assert open(os.path.join(mine, name), "rb").read() == open(os.path.join(bigger, name), "rb").read()
+    rows = (run / "answers-test12.jsonl").read_text().splitlines()
+    assert len(rows) == len(more) and again["with_shortcuts"]["n"] == len(more)
+    text = (tmp_path / "one-test12.md").read_text()
+    assert "--test_videos=12`" in text and "Each run is scored on 12 test videos of its seed" in text
+    templates = sweep.per_template(["runs/one/perceiver-s0"], root, 12)
+    assert sum(t["n"] for t in templates.values()) == again["n"]  # the larger split's answers, joined to its world
+    stamp = os.path.getmtime(run / "eval-test12.json")
+    assert sweep.rescore(str(run), 12, log=lambda *a: None)["overall"] == again["overall"]
+    assert os.path.getmtime(run / "eval-test12.json") == stamp  # kept: the same checkpoint
+    os.utime(run / "sft.pt", (stamp + 5, stamp + 5))  # as if trained again
+    sweep.rescore(str(run), 12, log=lambda *a: None)
+    assert os.path.getmtime(run / "eval-test12.json") > stamp
+    with pytest.raises(SystemExit, match="unknown option --test_video;"):
+        sweep.main(["one", "--test_video=12"])
+    with pytest.raises(SystemExit, match="--test_videos takes a number"):
+        sweep.main(["one", "--test_videos=lots"])
