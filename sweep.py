@@ -233,21 +233,27 @@ def test_world(cfg, test_videos=None):
     return world_config(cfg) if test_videos is None else world_config(cfg, n_train=0, n_val=0, n_test=test_videos)
 
 
+def scored_on(test_videos):
+    """The suffix of what a run scored on test_videos test videos writes (eval-test1000.json, answers-test1000.jsonl,
+    resampler-test1000.md); "" for its own test split (eval.json)."""
+    return "" if test_videos is None else f"-test{test_videos}"
+
+
 def rescore(run, test_videos, log=print):
     """A finished run's final checkpoint scored on test_videos test videos (test_world), as train.py scores its own
     split: eval-testN.json and answers-testN.jsonl in the run's folder, kept while the checkpoint is the same."""
     from bench import load_run  # (torch and the model: only when a study is scored again)
     from data import make_world
     from evaluate import score_test_split
-    name = f"test{test_videos}"
-    ckpt, path = os.path.join(run, "sft.pt"), os.path.join(run, f"eval-{name}.json")
+    ckpt, path = os.path.join(run, "sft.pt"), os.path.join(run, f"eval{scored_on(test_videos)}.json")
     made = [made_by(run), os.path.getsize(ckpt), os.path.getmtime(ckpt)]
-    if os.path.exists(path) and json.load(open(path)).get("made_from") == made:
-        return json.load(open(path))
+    kept = json.load(open(path)) if os.path.exists(path) else {}
+    if kept.get("made_from") == made:
+        return kept
     model, tok, cfg, env = load_run(ckpt)
     world = make_world(test_world(cfg, test_videos), os.path.join(HERE, cfg.data_dir), log=lambda *a: None)
     result = score_test_split(model, world, tok, cfg, env)
-    with open(os.path.join(run, f"answers-{name}.jsonl"), "w") as f:
+    with open(os.path.join(run, f"answers{scored_on(test_videos)}.jsonl"), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in result.pop("answers"))
     with open(path, "w") as f:
         json.dump({**result, "made_from": made}, f, indent=1)
@@ -274,7 +280,7 @@ def per_template(runs, root, test_videos=None):
     answers.jsonl joined by id to their world's test.jsonl; shortcut questions left out): where the video is read and
     where it is not, which a category's mean over its templates hides. {template: {"n", "video", "text", "caption"}}"""
     counts = collections.defaultdict(collections.Counter)
-    answers = "answers.jsonl" if test_videos is None else f"answers-test{test_videos}.jsonl"  # (rescore's)
+    answers = f"answers{scored_on(test_videos)}.jsonl"  # the run's own, or rescore's
     for run in (os.path.join(root, r) for r in runs if r):
         if not os.path.exists(os.path.join(run, answers)):
             continue
@@ -476,7 +482,7 @@ def main(argv):
         summary = summarise(results, root, test_videos)
         os.makedirs(root, exist_ok=True)
         text = report(name, summary, seeds, preset, test_videos)
-        out = name if test_videos is None else f"{name}-test{test_videos}"
+        out = name + scored_on(test_videos)
         if plot(name, summary, os.path.join(root, f"{out}.png")):
             text += f"\n![{name}]({out}.png)\n"
         with open(os.path.join(root, f"{out}.md"), "w") as f:
