@@ -19,11 +19,11 @@ def test_two_processes_take_the_steps_one_process_takes(tmp_path):
     common = ["train.py", "--preset=smoke", f"--data_dir={tmp_path / 'data'}", "--stage=lm", "--lm_steps=3",
               "--log_every=1"]
     one = subprocess.run([sys.executable, *common, f"--out_dir={tmp_path / 'one'}", "--workers=2"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=180)
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           *common, f"--out_dir={tmp_path / 'two'}", "--grad_accum=2", "--workers=0"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=180)
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es)" in two.stdout and two.stdout.count("device ") == 1  # process 0 alone speaks
 

