@@ -16,8 +16,11 @@ tokens). Then, as the paper did:
   2. drop one that more than --easy_max answer right with the video: it tells no model from another;
   3. rank the rest by the entropy of the models' answers (most disagreement first), keep --top per category.
 It writes the benchmark (JSONL, video paths relative to it) and a report: what each rule removed per
-category, how many of the world's planted shortcuts were caught, the cost of the benchmark against the pool,
-the spread of the zoo's scores, and the Spearman correlation of the zoo's ranking on both.
+category, how many of the world's planted shortcuts were caught (and at other thresholds), the cost of the
+benchmark against the pool, the spread of the zoo's scores, and the Spearman correlation of the zoo's ranking on
+the benchmark against the pool and against the rest of the pool; beside them, the same figures for random
+benchmarks of the same size, and the pool's agreement with itself (two random halves), which bounds them.
+Each model's answers are kept under --out/asked/: a stopped build resumes, and another --top asks no model again.
 The filter is a set of small pure functions over a (models x questions x modes) matrix, tested on hand-made ones.
 """
 import dataclasses
@@ -37,7 +40,7 @@ from config import Config, model_config, setup
 from data import load_jsonl, make_world, write_jsonl
 from integrate import IGNORE, Tokenizer
 from questions import reading_drills
-from sampling import sample_uniform
+from sampling import VideoError, sample_uniform
 
 MODES = ["video", "frame", "text"]  # what build asks every model
 EVAL_MODES = MODES + ["caption"]  # eval also: the video's caption as text in its place (perfect perception)
@@ -61,11 +64,28 @@ class ModeSamples(samples.Samples):
         if self.mode != "frame":
             return super().clips_of(path)
         if path not in self.frames:  # one clip: the centre frame, repeated (the paper's path for an image)
-            frame, (t,) = sample_uniform(path, 1, size=self.cfg.image_size)
-            frame = torch.from_numpy(frame)  # (1, S, S, 3)
-            self.frames[path] = (frame[None].expand(1, self.cfg.frames_per_clip, *frame.shape[1:]).contiguous(),
-                                 [(float(t), float(t))])
+            try:
+                frame, (t,) = sample_uniform(path, 1, size=self.cfg.image_size)
+            except VideoError as e:
+                self.frames[path] = e
+            else:
+                frame = torch.from_numpy(frame)  # (1, S, S, 3)
+                self.frames[path] = (frame[None].expand(1, self.cfg.frames_per_clip, *frame.shape[1:]).contiguous(),
+                                     [(float(t), float(t))])
+        if isinstance(self.frames[path], VideoError):
+            raise self.frames[path]
         return self.frames[path]
+
+    def warm(self, workers, max_bad_share=1.0, log=print):
+        """Samples.warm, whose decoding would cache the whole video: in frame mode the centre frames are cached
+        first (in this process: one frame a video), and a bad video is dropped as there."""
+        if self.mode == "frame":
+            for path in sorted({it["video"] for it in self.items if it.get("video")}):
+                try:
+                    self.clips_of(path)
+                except VideoError:
+                    pass  # kept in the cache: warm drops its items
+        return super().warm(workers, max_bad_share, log)
 
 
 def load_run(ckpt, device="auto"):
@@ -222,6 +242,55 @@ def spearman(a, b):
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def heldout_spearman(video, chosen):
+    """Spearman of the zoo's scores on the chosen questions against its scores on the rest of the pool (video: right,
+    models x questions). Against the whole pool, a subset shares its own questions' luck with it, and that shared
+    noise reads as agreement (a random tenth of a pool agrees with it more than with another tenth)."""
+    rest = np.setdiff1d(np.arange(video.shape[1]), chosen)
+    if len(chosen) == 0 or len(rest) == 0:
+        return float("nan")
+    return spearman(video[:, chosen].mean(1), video[:, rest].mean(1))
+
+
+def random_benchmarks(categories, chosen, draws, seed=0):
+    """draws random sets of questions, each with as many of every category as chosen has: a benchmark as cheap as the
+    filter's, picked without it (the baseline the filter has to beat)."""
+    rng = np.random.default_rng(seed)
+    categories = np.asarray(categories)
+    want = {c: int((categories[chosen] == c).sum()) for c in np.unique(categories[chosen])} if len(chosen) else {}
+    return [np.sort(np.concatenate([rng.choice(np.flatnonzero(categories == c), n, replace=False)
+                                    for c, n in want.items()])) for _ in range(draws)]
+
+
+def split_half(video, draws, seed=0):
+    """Mean Spearman of the zoo's rankings on two random halves of the pool: how far the pool's ranking is the models'
+    and not its questions' (near 1: the ranking stands; near 0: another pool of its size would rank them anew)."""
+    rng = np.random.default_rng(seed)
+    halves = [rng.permutation(video.shape[1]) for _ in range(draws)]
+    return summary([spearman(video[:, h[: len(h) // 2]].mean(1), video[:, h[len(h) // 2:]].mean(1))
+                    for h in halves])["mean"]
+
+
+def threshold_sweep(right, marked, values):
+    """The blind rules with text_max = frame_max = v for each v: what they remove, and the recall and precision of
+    that against the planted marks."""
+    rows = []
+    for v in values:
+        blind = blind_rules(right, v, v)
+        caught = blind["text"] | blind["frame"]
+        recall, precision = recall_precision(caught, marked)
+        rows.append({"max": float(v), "removed": int(caught.sum()), "recall": recall, "precision": precision})
+    return rows
+
+
+def summary(x):
+    """Mean and 10th / 90th percentiles of a list of figures."""
+    x = np.asarray(x, float)
+    if not np.isfinite(x).any():
+        return {"mean": float("nan"), "p10": float("nan"), "p90": float("nan")}
+    return {"mean": float(np.nanmean(x)), "p10": float(np.nanpercentile(x, 10)), "p90": float(np.nanpercentile(x, 90))}
+
+
 def recall_precision(caught, marked):
     """How many of the marked (planted) questions were caught, and how many caught ones were marked."""
     caught, marked = np.asarray(caught, bool), np.asarray(marked, bool)
@@ -230,8 +299,9 @@ def recall_precision(caught, marked):
             float(hits / caught.sum()) if caught.sum() else float("nan"))
 
 
-def build(right, choices, items, text_max=0.5, frame_max=0.5, easy_max=0.9, top=30):
-    """The whole filter: which questions it keeps and the report's figures."""
+def build(right, choices, items, text_max=0.5, frame_max=0.5, easy_max=0.9, top=30, draws=200):
+    """The whole filter: which questions it keeps and the report's figures, beside those of draws random benchmarks
+    of the same size per category."""
     categories = [it["category"] for it in items]
     blind = blind_rules(right, text_max, frame_max)
     easy = easy_rule(right, easy_max)
@@ -246,17 +316,25 @@ def build(right, choices, items, text_max=0.5, frame_max=0.5, easy_max=0.9, top=
                                    if categories[q] == c)),
                    "kept": sum(1 for q in chosen if categories[q] == c)} for c in sorted(set(categories))}
     caught = blind["text"] | blind["frame"]
-    recall, precision = recall_precision(caught, [bool(it.get("shortcut")) for it in items])
+    marked = [bool(it.get("shortcut")) for it in items]
+    recall, precision = recall_precision(caught, marked)
     by_kind = {k: recall_precision(caught, [it.get("shortcut") == k for it in items])[0]  # recall of each kind
                for k in sorted({it["shortcut"] for it in items if it.get("shortcut")})}
     video = right[:, :, MODES.index("video")]
     on_pool, on_bench = video.mean(1), video[:, chosen].mean(1) if chosen else np.full(len(video), np.nan)
+    randoms = random_benchmarks(categories, chosen, draws) if chosen else []
     return chosen, {"removed": removed, "shortcut_recall": recall, "shortcut_precision": precision,
                     "shortcut_recall_by_kind": by_kind,
                     "pool_questions": len(items), "bench_questions": len(chosen),
                     "zoo_on_pool": on_pool.tolist(), "zoo_on_bench": on_bench.tolist(),
                     "spread_pool": float(on_pool.std()), "spread_bench": float(on_bench.std()),
-                    "spearman": spearman(on_pool, on_bench)}
+                    "spearman": spearman(on_pool, on_bench), "spearman_heldout": heldout_spearman(video, chosen),
+                    "pool_split_half": split_half(video, draws),
+                    "random": {"draws": draws,
+                               "spread": summary([video[:, r].mean(1).std() for r in randoms]),
+                               "spearman": summary([spearman(on_pool, video[:, r].mean(1)) for r in randoms]),
+                               "spearman_heldout": summary([heldout_spearman(video, r) for r in randoms])},
+                    "thresholds": threshold_sweep(right, marked, [0.3, 0.35, 0.4, 0.45, 0.5])}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,15 +365,30 @@ def run_build(opts, log=print):
     choices = np.zeros((len(zoo), len(items)), int)
     seconds = np.zeros(len(zoo))
     for m, ckpt in enumerate(zoo):
-        model, tok, cfg, env = load_run(ckpt, opts.get("device", "auto"))
-        for k, mode in enumerate(MODES):
-            t0 = time.perf_counter()
-            picked = ask(model, tok, cfg, env, items, mode)
-            if mode == "video":
-                seconds[m], choices[m] = time.perf_counter() - t0, picked
-            right[m, :, k] = [c == ord(it["answer"]) - 65 for c, it in zip(picked, items)]
+        # each model's answers are kept under out/asked/ while its checkpoint and the pool stay the same: a build
+        # stopped halfway resumes, and another filter (--top, the thresholds) asks no model again
+        kept = os.path.join(out, "asked", os.path.relpath(os.path.abspath(ckpt), "/").replace(os.sep, "__") + ".npz")
+        stamp = np.array([os.path.abspath(world), str(len(items)), str(os.path.getsize(ckpt)),
+                          str(os.path.getmtime(ckpt))])
+        hit = False
+        if os.path.exists(kept):
+            with np.load(kept) as f:
+                hit = np.array_equal(f["stamp"], stamp)
+                if hit:
+                    right[m], choices[m], seconds[m] = f["right"], f["choices"], f["seconds"]
+        if not hit:
+            model, tok, cfg, env = load_run(ckpt, opts.get("device", "auto"))
+            for k, mode in enumerate(MODES):
+                t0 = time.perf_counter()
+                picked = ask(model, tok, cfg, env, items, mode)
+                if mode == "video":
+                    seconds[m], choices[m] = time.perf_counter() - t0, picked
+                right[m, :, k] = [c == ord(it["answer"]) - 65 for c, it in zip(picked, items)]
+            os.makedirs(os.path.dirname(kept), exist_ok=True)
+            np.savez(kept + ".tmp.npz", right=right[m], choices=choices[m], seconds=seconds[m], stamp=stamp)
+            os.replace(kept + ".tmp.npz", kept)
         log(f"{ckpt}: video {right[m, :, 0].mean():.3f} frame {right[m, :, 1].mean():.3f} "
-            f"text {right[m, :, 2].mean():.3f}")
+            f"text {right[m, :, 2].mean():.3f}{' (kept from an earlier build)' if hit else ''}")
     chosen, rep = build(right, choices, items, float(opts.get("text_max", 0.5)), float(opts.get("frame_max", 0.5)),
                         float(opts.get("easy_max", 0.9)), int(opts.get("top", 30)))
     rep["zoo"] = zoo
@@ -323,7 +416,18 @@ def report_text(rep):
               f"questions: pool {rep['pool_questions']}, benchmark {rep['bench_questions']} "
               f"({rep['cost_ratio']:.1f}x cheaper to evaluate)",
               f"spread (std) of the zoo's scores: pool {rep['spread_pool']:.3f}, benchmark {rep['spread_bench']:.3f}",
-              f"Spearman correlation of the zoo's ranking, benchmark vs pool: {rep['spearman']:.3f}"]
+              f"Spearman correlation of the zoo's ranking, benchmark vs pool: {rep['spearman']:.3f}; "
+              f"vs the rest of the pool (disjoint questions): {rep['spearman_heldout']:.3f}",
+              f"the pool against itself (two random halves, mean Spearman): {rep['pool_split_half']:.3f}"]
+    r = rep.get("random")
+    if r:
+        def fig(k):
+            return f"{r[k]['mean']:.3f} ({r[k]['p10']:.3f} to {r[k]['p90']:.3f})"
+        lines += [f"{r['draws']} random benchmarks of the same size per category (mean, 10th to 90th percentile): "
+                  f"spread {fig('spread')}, Spearman vs pool {fig('spearman')}, vs the rest {fig('spearman_heldout')}"]
+    lines += ["", "| text_max = frame_max | removed | recall | precision |", "|---|---|---|---|"]
+    lines += [f"| {t['max']:.2f} | {t['removed']} | {t['recall']:.2f} | {t['precision']:.2f} |"
+              for t in rep.get("thresholds", [])]
     return "\n".join(lines)
 
 

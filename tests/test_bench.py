@@ -65,6 +65,33 @@ def test_build_on_a_known_matrix():
     assert rep["shortcut_recall_by_kind"] == {"frame": 1.0, "text": 1.0}
 
 
+def test_the_figures_that_say_whether_a_ranking_holds():
+    """Held-out Spearman, the pool's split halves, random benchmarks of the same size, the thresholds' sweep."""
+    # 3 models, 8 questions: model 0 right on all, model 1 on the even ones, model 2 on none: any questions rank them
+    video = np.array([[1] * 8, [1, 0] * 4, [0] * 8], bool)
+    assert bench.heldout_spearman(video, [0, 1]) == pytest.approx(1.0)
+    assert bench.split_half(video, draws=20) == pytest.approx(1.0)
+    # q0-q5 rank the models the reverse of q6-q9, and outweigh them in the pool: q0-q5 agree with the pool (+1,
+    # their own questions) and disagree with the rest (-1)
+    flip = np.array([[1, 1, 1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 1, 1, 0, 0], [0] * 6 + [1] * 4], bool)
+    assert bench.spearman(flip.mean(1), flip[:, :6].mean(1)) == pytest.approx(1.0)
+    assert bench.heldout_spearman(flip, list(range(6))) == pytest.approx(-1.0)
+    assert np.isnan(bench.heldout_spearman(flip, list(range(10))))  # no rest to hold it against
+    categories = ["a", "a", "a", "a", "b", "b", "b", "b"]
+    draws = bench.random_benchmarks(categories, [0, 1, 4], draws=50, seed=3)
+    assert all(len(d) == 3 and sum(q < 4 for q in d) == 2 and len(set(d)) == 3 for d in draws)  # 2 of a, 1 of b
+    assert len({tuple(d) for d in draws}) > 1 and draws[0].tolist() == bench.random_benchmarks(
+        categories, [0, 1, 4], draws=50, seed=3)[0].tolist()  # random, and the same for the same seed
+    # q0 a text shortcut (right from the text by 2 of 3), q1 a frame shortcut right from a frame by 1 of 3 (caught
+    # only under 0.3), q2 unmarked but right from a frame by 1 of 3, q3 unmarked and never right without the video
+    right = matrix(["101 110 110 100", "101 100 100 100", "100 100 100 100"])
+    sweep = bench.threshold_sweep(right, [True, True, False, False], [0.3, 0.5])
+    assert sweep[0] == {"max": 0.3, "removed": 3, "recall": 1.0, "precision": pytest.approx(2 / 3)}
+    assert sweep[1] == {"max": 0.5, "removed": 1, "recall": 0.5, "precision": 1.0}
+    assert bench.summary([1, 2, 3, float("nan")])["mean"] == pytest.approx(2.0)
+    assert np.isnan(bench.summary([])["mean"])
+
+
 def test_a_model_asked_in_each_mode(tmp_path, tiny_world):
     world, _ = tiny_world
     out = tmp_path / "run"
@@ -73,6 +100,14 @@ def test_a_model_asked_in_each_mode(tmp_path, tiny_world):
     items = bench.mc_items(f"{world}/test.jsonl")
     frame = bench.ModeSamples(items, tok, cfg, model.tokens_per_clip, "frame")[0]
     assert frame["frames"].shape[0] == 1 and torch.equal(frame["frames"][0, 0], frame["frames"][0, -1])
+    # warmed first, frame mode still gives one frame (Samples.warm alone would cache the whole video), and a bad video
+    # is dropped with a warning, not asked
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    warmed = bench.ModeSamples(items + [dict(items[0], video=str(bad))], tok, cfg, model.tokens_per_clip, "frame")
+    warned = []
+    assert warmed.warm(0, 0.5, warned.append) == 1 and "bad.mp4" in warned[0] and len(warmed) == len(items)
+    assert all(warmed[i]["frames"].shape[0] == 1 for i in range(len(warmed)))
     text = bench.ModeSamples(items, tok, cfg, model.tokens_per_clip, "text")[0]
     assert text["frames"] is None and VIDEO not in text["ids"]  # no visual tokens at all
     told = samples.Samples(samples.described_items(items, world), tok, cfg, model.tokens_per_clip)[0]  # mode caption
@@ -132,6 +167,17 @@ def test_build_writes_a_benchmark_from_a_zoo(tmp_path):
     rows = load_jsonl(str(out / "bench.jsonl"))
     assert len(rows) == rep["bench_questions"] and all((out / r["video"]).exists() for r in rows)
     json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in report.json"))
+    assert {"spearman_heldout", "pool_split_half", "random", "thresholds"} <= set(rep)
+    # built again with another --top: no model is asked again; a checkpoint that changed is (the same answers)
+    first = np.load(out / "answers.npz")["right"]
+    os.utime(rep["zoo"][0], (1, 1))
+    said = []
+    again = bench.run_build({"zoo": str(tmp_path / "zoo"), "pool_videos": "4", "top": "1", "out": str(out),
+                             "stages": "vision,sft", "device": "cpu"}, log=said.append)
+    asked = [line for line in said if line.startswith(str(tmp_path / "zoo"))]
+    assert len(asked) == 4 and [line.endswith("(kept from an earlier build)") for line in asked] == [False, True,
+                                                                                                     True, True]
+    assert np.array_equal(np.load(out / "answers.npz")["right"], first) and again["zoo_on_pool"] == rep["zoo_on_pool"]
 
 
 def test_an_unknown_option_is_named():
