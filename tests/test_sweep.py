@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+import report
 import sweep
 
 
@@ -40,8 +41,8 @@ def test_a_tiny_study_runs_caches_and_reports(tmp_path, monkeypatch):
     assert not (tmp_path / "runs" / "twin").exists()
     assert [r["run"] for r in twin["default"]] == ["runs/tiny/perceiver-s0", "runs/tiny/perceiver-s1"]
     assert twin["default"] == results["perceiver"]
-    assert "trained once: default: runs/tiny/perceiver-s0, runs/tiny/perceiver-s1." in sweep.report(
-        "twin", sweep.summarise(twin), 2, "smoke")
+    assert "trained once: default: runs/tiny/perceiver-s0, runs/tiny/perceiver-s1." in report.report(
+        "twin", sweep.STUDIES["twin"], report.summarise(twin), 2, "smoke")
     again = sweep.run_study("tiny", seeds=2, preset="smoke", root=root, log=lambda *a: None)
     assert again == results and os.path.getmtime(tmp_path / "runs" / "tiny" / "perceiver-s0" / "eval.json") == stamp
     monkeypatch.setattr(sweep, "code_version", lambda: "changed")  # as if a component had been edited
@@ -50,11 +51,11 @@ def test_a_tiny_study_runs_caches_and_reports(tmp_path, monkeypatch):
     assert os.path.getmtime(tmp_path / "runs" / "tiny" / "perceiver-s0" / "eval.json") > stamp
     assert (tmp_path / "runs" / "tiny" / "perceiver-s0.old" / "eval.json").exists()
     assert (tmp_path / "runs" / "lm" / "smoke-default-s0.old").exists()  # the shared LM was trained again too
-    summary = sweep.summarise(results)
+    summary = report.summarise(results)
     mean, std = summary["perceiver"]["overall"]
     scores = [r["overall"] for r in results["perceiver"]]
     assert mean == pytest.approx(sum(scores) / 2) and std == pytest.approx(abs(scores[0] - scores[1]) / 2 ** 0.5)
-    text = sweep.report("tiny", summary, 2, "smoke")
+    text = report.report("tiny", sweep.STUDIES["tiny"], summary, 2, "smoke")
     assert "| perceiver |" in text and "| 55.5 |" in text and "Best here" in text and "without the video" in text
     ranks = [r["visual_spread"]["tokens"] for r in results["perceiver"]]  # has the connector collapsed
     assert summary["perceiver"]["tokens_rank"][0] == pytest.approx(sum(ranks) / 2)
@@ -76,13 +77,13 @@ def test_paired_differences_cancel_what_a_seed_shares(monkeypatch):
         return {"overall": overall, "categories": {}, "without_video": {"overall": blind}, "visual_spread": None}
     results = {"first": [run(0.30, 0.29), run(0.26, 0.26), run(0.34, 0.30)],
                "second": [run(0.31, 0.30), run(0.27, 0.26), run(0.35, 0.31)]}
-    summary = sweep.summarise(results)
+    summary = report.summarise(results)
     assert summary["second"]["overall"][1] == pytest.approx(0.04)  # the unpaired std swamps the 0.01 gap
     assert summary["second"]["vs_first"] == pytest.approx((0.01, 0.0)) and summary["first"]["vs_first"] == (0, 0)
     assert summary["first"]["video_adds"][0] == pytest.approx((0.01 + 0.0 + 0.04) / 3)
     monkeypatch.setitem(sweep.STUDIES, "pair", dict(sweep.STUDIES["resampler"], variants={"first": [], "second": []},
                                                     paper={}))
-    text = sweep.report("pair", summary, 3, "study")
+    text = report.report("pair", sweep.STUDIES["pair"], summary, 3, "study")
     assert "vs first (paired)" in text and "| 1.0 +- 0.0 |" in text and "the video adds (paired)" in text
     assert "Paired by seed" not in text  # no spread to measure a difference against: no ratio printed
 
@@ -115,13 +116,13 @@ def test_per_template_scores_join_each_run_to_its_own_world(tmp_path, monkeypatc
             {"id": q, "answer": a, "with_video": v, "without_video": b, "with_caption": c,
              "shortcut": "text" if q == "q2" else None}) + "\n" for q, a, v, b, c in answers[seed]))
         runs.append(f"runs/x/v-s{seed}")
-    got = sweep.per_template(runs, str(tmp_path))
+    got = report.per_template(runs, str(tmp_path))
     assert got == {"color": {"n": 2, "video": 1.0, "text": 0.5, "caption": 1.0},
                    "count": {"n": 2, "video": 0.5, "text": 1.0, "caption": 0.5}}
     run = {"overall": 0.3, "categories": {}, "without_video": {"overall": 0.3}, "visual_spread": None}
-    summary = sweep.summarise({"v": [dict(run, run=r) for r in runs]}, str(tmp_path))
+    summary = report.summarise({"v": [dict(run, run=r) for r in runs]}, str(tmp_path))
     monkeypatch.setitem(sweep.STUDIES, "x", dict(sweep.STUDIES["resampler"], variants={"v": []}, paper={}))
-    text = sweep.report("x", summary, 2, "study")
+    text = report.report("x", sweep.STUDIES["x"], summary, 2, "study")
     assert "| template | n | v |" in text and "| count | 2 | 0.50 / 1.00 / 0.50 |" in text
 
 
@@ -136,13 +137,13 @@ def test_the_scaling_variants_are_distinct_configurations():
 
 def test_correlation_and_its_permutation_p_of_known_lists():
     """R^2 is the square of r, blind to a reversed ranking; r and the permutation p are not."""
-    assert sweep.pearson([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
-    assert sweep.pearson([1, 2, 3, 4], [8, 6, 4, 2]) == pytest.approx(-1.0)  # R^2 1, the order reversed
-    assert sweep.pearson([1, 2, 3, 4], [1, -1, -1, 1]) == pytest.approx(0.0)
-    assert sweep.permutation_p([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1 / 24)  # only the order itself
-    assert sweep.permutation_p([1, 2, 3, 4], [8, 6, 4, 2]) == 1.0  # every order does as well as the reversed one
+    assert report.pearson([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
+    assert report.pearson([1, 2, 3, 4], [8, 6, 4, 2]) == pytest.approx(-1.0)  # R^2 1, the order reversed
+    assert report.pearson([1, 2, 3, 4], [1, -1, -1, 1]) == pytest.approx(0.0)
+    assert report.permutation_p([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1 / 24)  # only the order itself
+    assert report.permutation_p([1, 2, 3, 4], [8, 6, 4, 2]) == 1.0  # every order does as well as the reversed one
     many = list(range(10))  # over 8 scores: 20,000 drawn orderings, of which about none is the order itself
-    assert sweep.permutation_p(many, many) < 0.001
+    assert report.permutation_p(many, many) < 0.001
 
 
 def test_code_version_ignores_comments_and_docstrings_not_code(tmp_path):
@@ -167,9 +168,9 @@ def test_each_kind_of_plot_is_drawn(tmp_path, name):
     """The optional figure (matplotlib is not a requirement: skipped without it): the fps x tokens heatmap, the scaling
     scatter, per-category lines for the rest."""
     pytest.importorskip("matplotlib")
-    summary = {v: {"overall": (0.3 + 0.01 * i, 0.01), **{c: (0.3, 0.01) for c in sweep.CATEGORIES}}
+    summary = {v: {"overall": (0.3 + 0.01 * i, 0.01), **{c: (0.3, 0.01) for c in report.CATEGORIES}}
                for i, v in enumerate(sweep.STUDIES[name]["variants"])}
-    path = sweep.plot(name, summary, str(tmp_path / f"{name}.png"))
+    path = report.plot(name, sweep.STUDIES[name], summary, str(tmp_path / f"{name}.png"))
     assert path and os.path.getsize(path) > 1000
 
 
@@ -191,9 +192,9 @@ def test_rescore_scores_a_run_on_more_test_videos_of_its_own_seed(tmp_path, monk
     sweep.main(["one", "--seeds=1", "--preset=smoke", f"--root={root}", "--test_videos=12"])
     again = json.loads((run / "eval-test12.json").read_text())
     assert again["n"] > own["n"] and (tmp_path / "one-test12.md").exists()
-    cfg = sweep.types.SimpleNamespace(**json.loads((run / "config.json").read_text()))
+    cfg = report.types.SimpleNamespace(**json.loads((run / "config.json").read_text()))
     mine = world_dir(world_config(cfg), cfg.data_dir)
-    bigger = world_dir(sweep.test_world(cfg, 12), cfg.data_dir)
+    bigger = world_dir(report.test_world(cfg, 12), cfg.data_dir)
     assert sorted(os.listdir(os.path.join(bigger, "videos")))[-1] == "test_00011.mp4"  # no training video made
     questions, more = load_jsonl(os.path.join(mine, "test.jsonl")), load_jsonl(os.path.join(bigger, "test.jsonl"))
     assert more[:len(questions)] == questions and len(more) > len(questions)
@@ -203,7 +204,7 @@ def test_rescore_scores_a_run_on_more_test_videos_of_its_own_seed(tmp_path, monk
     assert len(rows) == len(more) and again["with_shortcuts"]["n"] == len(more)
     text = (tmp_path / "one-test12.md").read_text()
     assert "--test_videos=12`" in text and "Each run is scored on 12 test videos of its seed" in text
-    templates = sweep.per_template(["runs/one/perceiver-s0"], root, 12)
+    templates = report.per_template(["runs/one/perceiver-s0"], root, 12)
     assert sum(t["n"] for t in templates.values()) == again["n"]  # the larger split's answers, joined to its world
     stamp = os.path.getmtime(run / "eval-test12.json")
     assert sweep.rescore(str(run), 12, log=lambda *a: None)["overall"] == again["overall"]
