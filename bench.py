@@ -330,8 +330,11 @@ def build(right, choices, items, text_max=0.5, frame_max=0.5, easy_max=0.9, top=
                     "spread_pool": float(on_pool.std()), "spread_bench": float(on_bench.std()),
                     "spearman": spearman(on_pool, on_bench), "spearman_heldout": heldout_spearman(video, chosen),
                     "pool_split_half": split_half(video, draws),
+                    "bench_split_half": split_half(video[:, chosen], draws) if chosen else float("nan"),
                     "random": {"draws": draws,
                                "spread": summary([video[:, r].mean(1).std() for r in randoms]),
+                               "split_half": summary([split_half(video[:, r], 10, seed=k)
+                                                      for k, r in enumerate(randoms)]),
                                "spearman": summary([spearman(on_pool, video[:, r].mean(1)) for r in randoms]),
                                "spearman_heldout": summary([heldout_spearman(video, r) for r in randoms])},
                     "thresholds": threshold_sweep(right, marked, [0.3, 0.35, 0.4, 0.45, 0.5])}
@@ -418,13 +421,15 @@ def report_text(rep):
               f"spread (std) of the zoo's scores: pool {rep['spread_pool']:.3f}, benchmark {rep['spread_bench']:.3f}",
               f"Spearman correlation of the zoo's ranking, benchmark vs pool: {rep['spearman']:.3f}; "
               f"vs the rest of the pool (disjoint questions): {rep['spearman_heldout']:.3f}",
-              f"the pool against itself (two random halves, mean Spearman): {rep['pool_split_half']:.3f}"]
+              f"each against itself (two random halves, mean Spearman): pool {rep['pool_split_half']:.3f}, "
+              f"benchmark {rep['bench_split_half']:.3f} (how far its ranking is the models' and not its questions')"]
     r = rep.get("random")
     if r:
         def fig(k):
             return f"{r[k]['mean']:.3f} ({r[k]['p10']:.3f} to {r[k]['p90']:.3f})"
         lines += [f"{r['draws']} random benchmarks of the same size per category (mean, 10th to 90th percentile): "
-                  f"spread {fig('spread')}, Spearman vs pool {fig('spearman')}, vs the rest {fig('spearman_heldout')}"]
+                  f"spread {fig('spread')}, against itself {fig('split_half')}, Spearman vs pool {fig('spearman')}, "
+                  f"vs the rest {fig('spearman_heldout')}"]
     lines += ["", "| text_max = frame_max | removed | recall | precision |", "|---|---|---|---|"]
     lines += [f"| {t['max']:.2f} | {t['removed']} | {t['recall']:.2f} | {t['precision']:.2f} |"
               for t in rep.get("thresholds", [])]

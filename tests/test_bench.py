@@ -167,7 +167,7 @@ def test_build_writes_a_benchmark_from_a_zoo(tmp_path):
     rows = load_jsonl(str(out / "bench.jsonl"))
     assert len(rows) == rep["bench_questions"] and all((out / r["video"]).exists() for r in rows)
     json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in report.json"))
-    assert {"spearman_heldout", "pool_split_half", "random", "thresholds"} <= set(rep)
+    assert {"spearman_heldout", "pool_split_half", "bench_split_half", "random", "thresholds"} <= set(rep)
     # built again with another --top: no model is asked again; a checkpoint that changed is (the same answers)
     first = np.load(out / "answers.npz")["right"]
     os.utime(rep["zoo"][0], (1, 1))
