@@ -236,6 +236,8 @@ def ranks(x):
 
 
 def spearman(a, b):
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return float("nan")
     ra, rb = ranks(a), ranks(b)
     if ra.std() == 0 or rb.std() == 0:
         return float("nan")
@@ -265,6 +267,8 @@ def random_benchmarks(categories, chosen, draws, seed=0):
 def split_half(video, draws, seed=0):
     """Mean Spearman of the zoo's rankings on two random halves of the pool: how far the pool's ranking is the models'
     and not its questions' (near 1: the ranking stands; near 0: another pool of its size would rank them anew)."""
+    if video.shape[1] < 2:
+        return float("nan")
     rng = np.random.default_rng(seed)
     halves = [rng.permutation(video.shape[1]) for _ in range(draws)]
     return summary([spearman(video[:, h[: len(h) // 2]].mean(1), video[:, h[len(h) // 2:]].mean(1))

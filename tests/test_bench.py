@@ -71,6 +71,7 @@ def test_the_figures_that_say_whether_a_ranking_holds():
     video = np.array([[1] * 8, [1, 0] * 4, [0] * 8], bool)
     assert bench.heldout_spearman(video, [0, 1]) == pytest.approx(1.0)
     assert bench.split_half(video, draws=20) == pytest.approx(1.0)
+    assert np.isnan(bench.split_half(video[:, :1], draws=20))  # one question has no halves
     # q0-q5 rank the models the reverse of q6-q9, and outweigh them in the pool: q0-q5 agree with the pool (+1,
     # their own questions) and disagree with the rest (-1)
     flip = np.array([[1, 1, 1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 1, 1, 0, 0], [0] * 6 + [1] * 4], bool)
