@@ -254,14 +254,26 @@ def heldout_spearman(video, chosen):
     return spearman(video[:, chosen].mean(1), video[:, rest].mean(1))
 
 
-def random_benchmarks(categories, chosen, draws, seed=0):
+def random_benchmarks(categories, chosen, draws, seed=0, among=None):
     """draws random sets of questions, each with as many of every category as chosen has: a benchmark as cheap as the
-    filter's, picked without it (the baseline the filter has to beat)."""
+    filter's, picked without it (the baseline the filter has to beat), from the whole pool or the questions among
+    marks (those the rules kept: what the ranking by entropy adds)."""
     rng = np.random.default_rng(seed)
     categories = np.asarray(categories)
+    among = np.ones(len(categories), bool) if among is None else np.asarray(among, bool)
     want = {c: int((categories[chosen] == c).sum()) for c in np.unique(categories[chosen])} if len(chosen) else {}
-    return [np.sort(np.concatenate([rng.choice(np.flatnonzero(categories == c), n, replace=False)
+    return [np.sort(np.concatenate([rng.choice(np.flatnonzero((categories == c) & among), n, replace=False)
                                     for c, n in want.items()])) for _ in range(draws)]
+
+
+def baseline(video, randoms):
+    """The report's figures for each of randoms (sets of questions), summarised: the spread of the zoo's scores, their
+    agreement with themselves, and their Spearman against the pool and against the rest of it."""
+    on_pool = video.mean(1)
+    return {"draws": len(randoms), "spread": summary([video[:, r].mean(1).std() for r in randoms]),
+            "split_half": summary([split_half(video[:, r], 10, seed=k) for k, r in enumerate(randoms)]),
+            "spearman": summary([spearman(on_pool, video[:, r].mean(1)) for r in randoms]),
+            "spearman_heldout": summary([heldout_spearman(video, r) for r in randoms])}
 
 
 def split_half(video, draws, seed=0):
@@ -326,7 +338,6 @@ def build(right, choices, items, text_max=0.5, frame_max=0.5, easy_max=0.9, top=
                for k in sorted({it["shortcut"] for it in items if it.get("shortcut")})}
     video = right[:, :, MODES.index("video")]
     on_pool, on_bench = video.mean(1), video[:, chosen].mean(1) if chosen else np.full(len(video), np.nan)
-    randoms = random_benchmarks(categories, chosen, draws) if chosen else []
     return chosen, {"removed": removed, "shortcut_recall": recall, "shortcut_precision": precision,
                     "shortcut_recall_by_kind": by_kind,
                     "pool_questions": len(items), "bench_questions": len(chosen),
@@ -335,12 +346,9 @@ def build(right, choices, items, text_max=0.5, frame_max=0.5, easy_max=0.9, top=
                     "spearman": spearman(on_pool, on_bench), "spearman_heldout": heldout_spearman(video, chosen),
                     "pool_split_half": split_half(video, draws),
                     "bench_split_half": split_half(video[:, chosen], draws) if chosen else float("nan"),
-                    "random": {"draws": draws,
-                               "spread": summary([video[:, r].mean(1).std() for r in randoms]),
-                               "split_half": summary([split_half(video[:, r], 10, seed=k)
-                                                      for k, r in enumerate(randoms)]),
-                               "spearman": summary([spearman(on_pool, video[:, r].mean(1)) for r in randoms]),
-                               "spearman_heldout": summary([heldout_spearman(video, r) for r in randoms])},
+                    "random": baseline(video, random_benchmarks(categories, chosen, draws) if chosen else []),
+                    "random_kept": baseline(video, random_benchmarks(categories, chosen, draws, among=keep)
+                                            if chosen else []),
                     "thresholds": threshold_sweep(right, marked, [0.3, 0.35, 0.4, 0.45, 0.5])}
 
 
@@ -427,13 +435,14 @@ def report_text(rep):
               f"vs the rest of the pool (disjoint questions): {rep['spearman_heldout']:.3f}",
               f"each against itself (two random halves, mean Spearman): pool {rep['pool_split_half']:.3f}, "
               f"benchmark {rep['bench_split_half']:.3f} (how far its ranking is the models' and not its questions')"]
-    r = rep.get("random")
-    if r:
-        def fig(k):
-            return f"{r[k]['mean']:.3f} ({r[k]['p10']:.3f} to {r[k]['p90']:.3f})"
-        lines += [f"{r['draws']} random benchmarks of the same size per category (mean, 10th to 90th percentile): "
-                  f"spread {fig('spread')}, against itself {fig('split_half')}, Spearman vs pool {fig('spearman')}, "
-                  f"vs the rest {fig('spearman_heldout')}"]
+    for key, what in (("random", "the pool"), ("random_kept", "the questions the rules kept")):
+        r = rep.get(key)
+        if r and r["draws"]:
+            def fig(k):
+                return f"{r[k]['mean']:.3f} ({r[k]['p10']:.3f} to {r[k]['p90']:.3f})"
+            lines += [f"{r['draws']} random benchmarks of the same size per category from {what} (mean, 10th to 90th "
+                      f"percentile): spread {fig('spread')}, against itself {fig('split_half')}, Spearman vs pool "
+                      f"{fig('spearman')}, vs the rest {fig('spearman_heldout')}"]
     lines += ["", "| text_max = frame_max | removed | recall | precision |", "|---|---|---|---|"]
     lines += [f"| {t['max']:.2f} | {t['removed']} | {t['recall']:.2f} | {t['precision']:.2f} |"
               for t in rep.get("thresholds", [])]

@@ -83,6 +83,10 @@ def test_the_figures_that_say_whether_a_ranking_holds():
     assert all(len(d) == 3 and sum(q < 4 for q in d) == 2 and len(set(d)) == 3 for d in draws)  # 2 of a, 1 of b
     assert len({tuple(d) for d in draws}) > 1 and draws[0].tolist() == bench.random_benchmarks(
         categories, [0, 1, 4], draws=50, seed=3)[0].tolist()  # random, and the same for the same seed
+    only = [True, True, False, False, True, False, False, False]  # drawn among these: the only set there is
+    assert all(d.tolist() == [0, 1, 4] for d in bench.random_benchmarks(categories, [0, 1, 4], 5, among=only))
+    base = bench.baseline(video, [np.array([0, 1]), np.array([2, 3])])
+    assert base["draws"] == 2 and base["spearman_heldout"]["mean"] == pytest.approx(1.0)
     # q0 a text shortcut (right from the text by 2 of 3), q1 a frame shortcut right from a frame by 1 of 3 (caught
     # only under 0.3), q2 unmarked but right from a frame by 1 of 3, q3 unmarked and never right without the video
     right = matrix(["101 110 110 100", "101 100 100 100", "100 100 100 100"])
@@ -168,7 +172,8 @@ def test_build_writes_a_benchmark_from_a_zoo(tmp_path):
     rows = load_jsonl(str(out / "bench.jsonl"))
     assert len(rows) == rep["bench_questions"] and all((out / r["video"]).exists() for r in rows)
     json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in report.json"))
-    assert {"spearman_heldout", "pool_split_half", "bench_split_half", "random", "thresholds"} <= set(rep)
+    assert {"spearman_heldout", "pool_split_half", "bench_split_half", "random", "random_kept", "thresholds"} <= set(
+        rep)
     # built again with another --top: no model is asked again; a checkpoint that changed is (the same answers)
     first = np.load(out / "answers.npz")["right"]
     os.utime(rep["zoo"][0], (1, 1))
