@@ -560,7 +560,8 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
         a = torch.load(tmp_path / "whole" / f"{stage}.pt", weights_only=True)["model"]
         b = torch.load(out / f"{stage}.pt", weights_only=True)["model"]
         for name in a:
-            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=f"{stage}.pt: {name}")
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0,  # (how many differ, and by how much)
+                                       msg=lambda m, stage=stage, name=name: f"{stage}.pt: {name}: {m}")
 
 
 def test_mkl_matmuls_repeat_to_the_bit_after_setup():
