@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import apollobench
 import bench
 import samples
 import train
@@ -28,25 +29,26 @@ def test_blind_and_easy_rules():
     # 4 models x 4 questions; q0 right from text by 3 of 4, q1 from one frame by 3 of 4, q2 right with video by all,
     # q3 right with video by half, never without it
     right = matrix(["101 110 100 100", "101 110 100 100", "101 110 100 000", "000 000 100 000"])
-    blind = bench.blind_rules(right, text_max=0.5, frame_max=0.5)
+    blind = apollobench.blind_rules(right, text_max=0.5, frame_max=0.5)
     assert blind["text"].tolist() == [True, False, False, False]
     assert blind["frame"].tolist() == [False, True, False, False]
-    assert bench.easy_rule(right, easy_max=0.9).tolist() == [False, False, True, False]
-    assert bench.blind_rules(right, text_max=0.75, frame_max=0.8)["text"].tolist() == [False] * 4  # 3/4 is not > 3/4
+    assert apollobench.easy_rule(right, easy_max=0.9).tolist() == [False, False, True, False]
+    blind = apollobench.blind_rules(right, text_max=0.75, frame_max=0.8)
+    assert blind["text"].tolist() == [False] * 4  # 3/4 is not > 3/4
 
 
 def test_entropy_selection_and_ranking():
     choices = np.array([[0, 0, 1, 2], [0, 1, 1, 3], [0, 2, 1, 0], [0, 3, 1, 1]])  # 4 models x 4 questions
-    h = bench.answer_entropy(choices, np.array([4, 4, 4, 4]))
+    h = apollobench.answer_entropy(choices, np.array([4, 4, 4, 4]))
     assert h.tolist() == pytest.approx([0.0, 2.0, 0.0, 2.0])  # all agree: 0 bits; all differ: log2(4)
-    assert bench.answer_entropy(np.array([[0], [0], [1], [1]]), np.array([4])).tolist() == pytest.approx([1.0])
+    assert apollobench.answer_entropy(np.array([[0], [0], [1], [1]]), np.array([4])).tolist() == pytest.approx([1.0])
     keep = np.array([True, True, True, False])
-    assert bench.select_top(h, ["a", "a", "b", "b"], keep, top=1) == [1, 2]  # q3 dropped by keep
-    assert bench.select_top(h, ["a", "a", "a", "a"], np.ones(4, bool), top=2) == [1, 3]
-    assert bench.ranks([10, 30, 20, 20]).tolist() == [1, 4, 2.5, 2.5]
-    assert bench.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert bench.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert bench.recall_precision([1, 1, 0, 0], [1, 0, 1, 0]) == (0.5, 0.5)
+    assert apollobench.select_top(h, ["a", "a", "b", "b"], keep, top=1) == [1, 2]  # q3 dropped by keep
+    assert apollobench.select_top(h, ["a", "a", "a", "a"], np.ones(4, bool), top=2) == [1, 3]
+    assert apollobench.ranks([10, 30, 20, 20]).tolist() == [1, 4, 2.5, 2.5]
+    assert apollobench.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert apollobench.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert apollobench.recall_precision([1, 1, 0, 0], [1, 0, 1, 0]) == (0.5, 0.5)
 
 
 def test_build_on_a_known_matrix():
@@ -56,7 +58,7 @@ def test_build_on_a_known_matrix():
     choices = np.array([[0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0], [1, 1, 0, 0, 2, 1]])
     items = [{"category": c, "n_options": 4, "shortcut": s} for c, s in
              [("a", "text"), ("a", "frame"), ("b", None), ("a", None), ("b", None), ("b", None)]]
-    chosen, rep = bench.build(right, choices, items, text_max=0.5, frame_max=0.5, easy_max=0.9, top=1)
+    chosen, rep = apollobench.build(right, choices, items, text_max=0.5, frame_max=0.5, easy_max=0.9, top=1)
     # q0 text (3/3 right without video), q1 frame (2/3), q2 text too (3/3); q3 easy (all right with video)
     assert chosen == [4]  # b: q4 (3 different answers) beats q5; a: nothing left
     assert rep["removed"]["a"] == {"pool": 3, "text": 1, "frame": 1, "easy": 1, "kept": 0}
@@ -69,32 +71,32 @@ def test_the_figures_that_say_whether_a_ranking_holds():
     """Held-out Spearman, the pool's split halves, random benchmarks of the same size, the thresholds' sweep."""
     # 3 models, 8 questions: model 0 right on all, model 1 on the even ones, model 2 on none: any questions rank them
     video = np.array([[1] * 8, [1, 0] * 4, [0] * 8], bool)
-    assert bench.heldout_spearman(video, [0, 1]) == pytest.approx(1.0)
-    assert bench.split_half(video, draws=20) == pytest.approx(1.0)
-    assert np.isnan(bench.split_half(video[:, :1], draws=20))  # one question has no halves
+    assert apollobench.heldout_spearman(video, [0, 1]) == pytest.approx(1.0)
+    assert apollobench.split_half(video, draws=20) == pytest.approx(1.0)
+    assert np.isnan(apollobench.split_half(video[:, :1], draws=20))  # one question has no halves
     # q0-q5 rank the models the reverse of q6-q9, and outweigh them in the pool: q0-q5 agree with the pool (+1,
     # their own questions) and disagree with the rest (-1)
     flip = np.array([[1, 1, 1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 1, 1, 0, 0], [0] * 6 + [1] * 4], bool)
-    assert bench.spearman(flip.mean(1), flip[:, :6].mean(1)) == pytest.approx(1.0)
-    assert bench.heldout_spearman(flip, list(range(6))) == pytest.approx(-1.0)
-    assert np.isnan(bench.heldout_spearman(flip, list(range(10))))  # no rest to hold it against
+    assert apollobench.spearman(flip.mean(1), flip[:, :6].mean(1)) == pytest.approx(1.0)
+    assert apollobench.heldout_spearman(flip, list(range(6))) == pytest.approx(-1.0)
+    assert np.isnan(apollobench.heldout_spearman(flip, list(range(10))))  # no rest to hold it against
     categories = ["a", "a", "a", "a", "b", "b", "b", "b"]
-    draws = bench.random_benchmarks(categories, [0, 1, 4], draws=50, seed=3)
+    draws = apollobench.random_benchmarks(categories, [0, 1, 4], draws=50, seed=3)
     assert all(len(d) == 3 and sum(q < 4 for q in d) == 2 and len(set(d)) == 3 for d in draws)  # 2 of a, 1 of b
-    assert len({tuple(d) for d in draws}) > 1 and draws[0].tolist() == bench.random_benchmarks(
+    assert len({tuple(d) for d in draws}) > 1 and draws[0].tolist() == apollobench.random_benchmarks(
         categories, [0, 1, 4], draws=50, seed=3)[0].tolist()  # random, and the same for the same seed
     only = [True, True, False, False, True, False, False, False]  # drawn among these: the only set there is
-    assert all(d.tolist() == [0, 1, 4] for d in bench.random_benchmarks(categories, [0, 1, 4], 5, among=only))
-    base = bench.baseline(video, [np.array([0, 1]), np.array([2, 3])])
+    assert all(d.tolist() == [0, 1, 4] for d in apollobench.random_benchmarks(categories, [0, 1, 4], 5, among=only))
+    base = apollobench.baseline(video, [np.array([0, 1]), np.array([2, 3])])
     assert base["draws"] == 2 and base["spearman_heldout"]["mean"] == pytest.approx(1.0)
     # q0 a text shortcut (right from the text by 2 of 3), q1 a frame shortcut right from a frame by 1 of 3 (caught
     # only under 0.3), q2 unmarked but right from a frame by 1 of 3, q3 unmarked and never right without the video
     right = matrix(["101 110 110 100", "101 100 100 100", "100 100 100 100"])
-    sweep = bench.threshold_sweep(right, [True, True, False, False], [0.3, 0.5])
+    sweep = apollobench.threshold_sweep(right, [True, True, False, False], [0.3, 0.5])
     assert sweep[0] == {"max": 0.3, "removed": 3, "recall": 1.0, "precision": pytest.approx(2 / 3)}
     assert sweep[1] == {"max": 0.5, "removed": 1, "recall": 0.5, "precision": 1.0}
-    assert bench.summary([1, 2, 3, float("nan")])["mean"] == pytest.approx(2.0)
-    assert np.isnan(bench.summary([])["mean"])
+    assert apollobench.summary([1, 2, 3, float("nan")])["mean"] == pytest.approx(2.0)
+    assert np.isnan(apollobench.summary([])["mean"])
 
 
 def test_a_model_asked_in_each_mode(tmp_path, tiny_world):

@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # each file may import only those before it (DESIGN.md: layers <- encoders, resampler <- apollo <- train <- sweep;
 # sampling <- data <- train, bench; integrate <- apollo); a new file takes its place here
 ORDER = ["layers", "integrate", "sampling", "scene", "questions", "data", "encoders", "resampler", "apollo", "samples",
-         "config", "evaluate", "train", "bench", "probe", "report", "sweep", "speed"]
+         "config", "evaluate", "train", "apollobench", "bench", "probe", "report", "sweep", "speed"]
 
 
 def project_imports(path):
