@@ -78,8 +78,8 @@ def heldout_spearman(video, chosen):
 
 def random_benchmarks(categories, chosen, draws, seed=0, among=None):
     """draws random sets of questions, each with as many of every category as chosen has: a benchmark as cheap as the
-    filter's, picked without it (the baseline the filter has to beat), from the whole pool or the questions among
-    marks (those the rules kept: what the ranking by entropy adds)."""
+    filter's, picked without it (the baseline the filter has to beat): from the whole pool, or only from the questions
+    among marks (those the rules kept: then what the ranking by entropy adds)."""
     rng = np.random.default_rng(seed)
     categories = np.asarray(categories)
     among = np.ones(len(categories), bool) if among is None else np.asarray(among, bool)
@@ -89,13 +89,13 @@ def random_benchmarks(categories, chosen, draws, seed=0, among=None):
 
 
 def baseline(video, randoms):
-    """The report's figures for each of randoms (sets of questions), summarised: the spread of the zoo's scores, their
+    """The report's figures over randoms (sets of questions), each as mean_range: the spread of the zoo's scores, their
     agreement with themselves, and their Spearman against the pool and against the rest of it."""
     on_pool = video.mean(1)
-    return {"draws": len(randoms), "spread": summary([video[:, r].mean(1).std() for r in randoms]),
-            "split_half": summary([split_half(video[:, r], 10, seed=k) for k, r in enumerate(randoms)]),
-            "spearman": summary([spearman(on_pool, video[:, r].mean(1)) for r in randoms]),
-            "spearman_heldout": summary([heldout_spearman(video, r) for r in randoms])}
+    return {"draws": len(randoms), "spread": mean_range([video[:, r].mean(1).std() for r in randoms]),
+            "split_half": mean_range([split_half(video[:, r], 10, seed=k) for k, r in enumerate(randoms)]),
+            "spearman": mean_range([spearman(on_pool, video[:, r].mean(1)) for r in randoms]),
+            "spearman_heldout": mean_range([heldout_spearman(video, r) for r in randoms])}
 
 
 def split_half(video, draws, seed=0):
@@ -105,7 +105,7 @@ def split_half(video, draws, seed=0):
         return float("nan")
     rng = np.random.default_rng(seed)
     halves = [rng.permutation(video.shape[1]) for _ in range(draws)]
-    return summary([spearman(video[:, h[: len(h) // 2]].mean(1), video[:, h[len(h) // 2:]].mean(1))
+    return mean_range([spearman(video[:, h[: len(h) // 2]].mean(1), video[:, h[len(h) // 2:]].mean(1))
                     for h in halves])["mean"]
 
 
@@ -121,7 +121,7 @@ def threshold_sweep(right, marked, values):
     return rows
 
 
-def summary(x):
+def mean_range(x):
     """Mean and 10th / 90th percentiles of a list of figures."""
     x = np.asarray(x, float)
     if not np.isfinite(x).any():
@@ -146,13 +146,10 @@ def build(right, choices, items, text_max=0.5, frame_max=0.5, easy_max=0.9, top=
     keep = ~blind["text"] & ~blind["frame"] & ~easy
     entropy = answer_entropy(choices, np.array([it["n_options"] for it in items]))
     chosen = select_top(entropy, categories, keep, top)
-    removed = {c: {"pool": categories.count(c),
-                   "text": int(sum(blind["text"][q] for q in range(len(items)) if categories[q] == c)),
-                   "frame": int(sum(blind["frame"][q] & ~blind["text"][q] for q in range(len(items))
-                                    if categories[q] == c)),
-                   "easy": int(sum(easy[q] & ~blind["text"][q] & ~blind["frame"][q] for q in range(len(items))
-                                   if categories[q] == c)),
-                   "kept": sum(1 for q in chosen if categories[q] == c)} for c in sorted(set(categories))}
+    frame_only, easy_only = blind["frame"] & ~blind["text"], easy & ~blind["text"] & ~blind["frame"]  # each rule's
+    where = {c: np.asarray(categories) == c for c in sorted(set(categories))}  # own removals, in the order they run
+    removed = {c: {"pool": int(m.sum()), "text": int((blind["text"] & m).sum()), "frame": int((frame_only & m).sum()),
+                   "easy": int((easy_only & m).sum()), "kept": int(m[chosen].sum())} for c, m in where.items()}
     caught = blind["text"] | blind["frame"]
     marked = [bool(it.get("shortcut")) for it in items]
     recall, precision = recall_precision(caught, marked)
@@ -167,7 +164,7 @@ def build(right, choices, items, text_max=0.5, frame_max=0.5, easy_max=0.9, top=
                     "spread_pool": float(on_pool.std()), "spread_bench": float(on_bench.std()),
                     "spearman": spearman(on_pool, on_bench), "spearman_heldout": heldout_spearman(video, chosen),
                     "pool_split_half": split_half(video, draws),
-                    "bench_split_half": split_half(video[:, chosen], draws) if chosen else float("nan"),
+                    "bench_split_half": split_half(video[:, chosen], draws),
                     "random": baseline(video, random_benchmarks(categories, chosen, draws) if chosen else []),
                     "random_kept": baseline(video, random_benchmarks(categories, chosen, draws, among=keep)
                                             if chosen else []),
@@ -189,14 +186,14 @@ def report_text(rep):
               f"vs the rest of the pool (disjoint questions): {rep['spearman_heldout']:.3f}",
               f"each against itself (two random halves, mean Spearman): pool {rep['pool_split_half']:.3f}, "
               f"benchmark {rep['bench_split_half']:.3f} (how far its ranking is the models' and not its questions')"]
+    def fig(r, k):
+        return f"{r[k]['mean']:.3f} ({r[k]['p10']:.3f} to {r[k]['p90']:.3f})"
     for key, what in (("random", "the pool"), ("random_kept", "the questions the rules kept")):
         r = rep.get(key)
         if r and r["draws"]:
-            def fig(k):
-                return f"{r[k]['mean']:.3f} ({r[k]['p10']:.3f} to {r[k]['p90']:.3f})"
             lines += [f"{r['draws']} random benchmarks of the same size per category from {what} (mean, 10th to 90th "
-                      f"percentile): spread {fig('spread')}, against itself {fig('split_half')}, Spearman vs pool "
-                      f"{fig('spearman')}, vs the rest {fig('spearman_heldout')}"]
+                      f"percentile): spread {fig(r, 'spread')}, against itself {fig(r, 'split_half')}, Spearman vs "
+                      f"pool {fig(r, 'spearman')}, vs the rest {fig(r, 'spearman_heldout')}"]
     lines += ["", "| text_max = frame_max | removed | recall | precision |", "|---|---|---|---|"]
     lines += [f"| {t['max']:.2f} | {t['removed']} | {t['recall']:.2f} | {t['precision']:.2f} |"
               for t in rep.get("thresholds", [])]

@@ -22,7 +22,6 @@ the benchmark against the pool and against the rest of the pool; beside them, th
 benchmarks of the same size, and the pool's agreement with itself (two random halves), which bounds them.
 The filter and the report's figures are pure functions in apollobench.py.
 Each model's answers are kept under --out/asked/: a stopped build resumes, and another --top asks no model again.
-The filter is a set of small pure functions over a (models x questions x modes) matrix, tested on hand-made ones.
 """
 import dataclasses
 import json

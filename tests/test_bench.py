@@ -95,8 +95,8 @@ def test_the_figures_that_say_whether_a_ranking_holds():
     sweep = apollobench.threshold_sweep(right, [True, True, False, False], [0.3, 0.5])
     assert sweep[0] == {"max": 0.3, "removed": 3, "recall": 1.0, "precision": pytest.approx(2 / 3)}
     assert sweep[1] == {"max": 0.5, "removed": 1, "recall": 0.5, "precision": 1.0}
-    assert apollobench.summary([1, 2, 3, float("nan")])["mean"] == pytest.approx(2.0)
-    assert np.isnan(apollobench.summary([])["mean"])
+    assert apollobench.mean_range([1, 2, 3, float("nan")])["mean"] == pytest.approx(2.0)
+    assert np.isnan(apollobench.mean_range([])["mean"])
 
 
 def test_a_model_asked_in_each_mode(tmp_path, tiny_world):

@@ -179,6 +179,7 @@ def test_rescore_scores_a_run_on_more_test_videos_of_its_own_seed(tmp_path, monk
     them are its own test videos (same bytes, same questions), the score is kept until the checkpoint changes, and
     the report names the larger split and the binomial error of one score."""
     import json
+    import types
 
     from data import load_jsonl, world_dir
     from samples import world_config
@@ -192,7 +193,7 @@ def test_rescore_scores_a_run_on_more_test_videos_of_its_own_seed(tmp_path, monk
     sweep.main(["one", "--seeds=1", "--preset=smoke", f"--root={root}", "--test_videos=12"])
     again = json.loads((run / "eval-test12.json").read_text())
     assert again["n"] > own["n"] and (tmp_path / "one-test12.md").exists()
-    cfg = report.types.SimpleNamespace(**json.loads((run / "config.json").read_text()))
+    cfg = types.SimpleNamespace(**json.loads((run / "config.json").read_text()))
     mine = world_dir(world_config(cfg), cfg.data_dir)
     bigger = world_dir(report.test_world(cfg, 12), cfg.data_dir)
     assert sorted(os.listdir(os.path.join(bigger, "videos")))[-1] == "test_00011.mp4"  # no training video made
